@@ -13,9 +13,8 @@ import torch
 
 from networks import get_network
 from utils.augment import ParamDiffAug, diff_augment
-from utils.data import ClassSampler, load_dataset
-from utils.run import Run, make_parser, parse_args, run_main
-from utils.synset import images_per_class, make_synset
+from utils.run import Run, load_data, make_parser, parse_args, run_main
+from utils.synset import make_synset
 
 # The original's defaults (VICO main_DM.py, with the plugin's dataset, ipc and init).
 DEFAULTS = dict(dataset='MNIST', ipc=10, eval_mode='SS', eval_every=2000, Iteration=20000, lr_img=1.0)
@@ -37,11 +36,21 @@ def class_means(features, labels, num_classes):
     return sums / counts.unsqueeze(1)
 
 
-def embed(net, x, chunk=None):
+def embed_eager(net, x):
+    return net.embed(x)
+
+
+# The same function compiled (--compile): fuses normalization, activation and pooling. Fresh networks
+# of one architecture reuse the compiled graph, since their parameters are its inputs.
+embed_compiled = torch.compile(embed_eager)
+
+
+def embed(net, x, chunk=None, compiled=False):
+    fn = embed_compiled if compiled else embed_eager
     x = x.contiguous(memory_format=torch.channels_last)
     if chunk is None or len(x) <= chunk:
-        return net.embed(x)
-    return torch.cat([net.embed(part) for part in x.split(chunk)])
+        return fn(net, x)
+    return torch.cat([fn(net, part) for part in x.split(chunk)])
 
 
 def dm_loss(net, synset, sampler, args, param):
@@ -54,20 +63,23 @@ def dm_loss(net, synset, sampler, args, param):
         syn = diff_augment(syn, args.dsa_strategy, param, seed=seed, groups=syn_labels)
     batch_norm = 'BN' in args.model  # batch statistics must cover all real images at once
     with torch.no_grad():
-        f_real = embed(net, real, chunk=None if batch_norm else REAL_CHUNK)
-    f_syn = embed(net, syn)
+        f_real = embed(net, real, None if batch_norm else REAL_CHUNK, args.compile)
+    f_syn = embed(net, syn, compiled=args.compile)
     k = synset.num_classes
     return ((class_means(f_real, real_labels, k) - class_means(f_syn, syn_labels, k)) ** 2).sum()
 
 
+def get_args(argv=None, low_rank=False):
+    parser = make_parser(f'{"LoDM" if low_rank else "DM"}: distribution matching', DEFAULTS, low_rank)
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the embedding: about 30%% faster on CPU after a 30-60 s warm-up')
+    return parse_args(parser, argv)
+
+
 def main(argv=None, low_rank=False):
     method = 'LoDM' if low_rank else 'DM'
-    args = parse_args(make_parser(f'{method}: distribution matching', DEFAULTS, low_rank), argv)
-    data = load_dataset(args.dataset, args.data_path)
-    images_per_class(args.ipc, getattr(args, 'rank', None), data.im_size)  # bad ipc/rank: stop now
-    device = torch.device(args.device)
-    data.images_test, data.labels_test = data.images_test.to(device), data.labels_test.to(device)
-    sampler = ClassSampler(data.images_train.to(device), data.labels_train.to(device), data.num_classes)
+    args = get_args(argv, low_rank)
+    data, sampler = load_data(args)
     run = Run(args, method)
     param = ParamDiffAug()
     for exp in run.experiments():
@@ -75,7 +87,7 @@ def main(argv=None, low_rank=False):
         run.start(data, synset)
         optimizer = torch.optim.SGD(synset.parameters(), lr=args.lr_img, momentum=0.5)
         for it in run.iterations(exp, synset, {'synset': synset, 'optimizer': optimizer}):
-            net = frozen_network(args, data, device)
+            net = frozen_network(args, data, sampler.images.device)
             loss = dm_loss(net, synset, sampler, args, param)
             optimizer.zero_grad()
             loss.backward()

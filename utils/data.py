@@ -283,3 +283,29 @@ class ClassSampler:
     def class_images(self, c: int, n: int) -> Tensor:
         """min(n, size of class c) distinct random images of class c (the original get_images(c, n))."""
         return self.sample(n, [c])[0]
+
+
+# ---------------------------------------------------------------- ZCA whitening (MTT's --zca)
+
+def zca_whiten(data: Data, device='cpu', eps: float = 0.1):
+    """Replace data.images_train and data.images_test (on the CPU) by their ZCA whitening, fitted on the
+    train images, as MTT's --zca: kornia ZCAWhitening(eps=0.1, compute_inv=True) on ToTensor() pixels in
+    [0, 1] (the per-channel normalization is undone first; the original applies no Normalize with ZCA).
+
+    The whitening matrix (D×D, D = C·H·W) is fitted and applied on `device`. Returns `unwhiten`, the
+    inverse map: whitened images (N, C, H, W) on any device -> [0, 1] pixels there (for viewing).
+    data.mean and data.std keep describing the raw pixels, not the whitened images.
+    """
+    import kornia  # only needed with --zca (and absent on some GPU machines)
+
+    zca = kornia.enhance.ZCAWhitening(eps=eps, compute_inv=True)
+    train = denormalize(data.images_train.to(device), data.mean, data.std)
+    zca.fit(train)
+    data.images_train = zca(train).cpu()
+    del train
+    data.images_test = zca(denormalize(data.images_test.to(device), data.mean, data.std)).cpu()
+
+    def unwhiten(images: Tensor) -> Tensor:
+        return zca.to(images.device).inverse_transform(images.detach())
+
+    return unwhiten

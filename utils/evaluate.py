@@ -50,9 +50,12 @@ def eval_recipe(args, model_eval):
     return aug, args.epoch_eval_train or epochs
 
 
-def run_epoch(net, images, labels, batch_size, optimizer=None, aug=None):
+def run_epoch(net, images, labels, batch_size, optimizer=None, aug=None, standardize=False):
     """One pass over tensors already on the net's device: shuffled training if an optimizer is given,
-    else testing. Returns (mean loss, accuracy)."""
+    else testing. Returns (mean loss, accuracy).
+
+    standardize: scale every batch to zero mean and unit std over the whole batch tensor, before the
+    augmentation (the plugin's LoMTT evaluation, utils_mtt.epoch; off in every other method)."""
     train = optimizer is not None
     net.train(train)
     order = torch.randperm(len(images), device=images.device) if train else None
@@ -61,6 +64,8 @@ def run_epoch(net, images, labels, batch_size, optimizer=None, aug=None):
         for start in range(0, len(images), batch_size):
             idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
             x, y = images[idx], labels[idx]
+            if standardize:
+                x = (x - x.mean()) / x.std()
             if aug is not None:
                 x = aug(x)
             out = net(x)
@@ -74,22 +79,26 @@ def run_epoch(net, images, labels, batch_size, optimizer=None, aug=None):
     return loss_sum / len(images), correct / len(images)
 
 
-def evaluate_synset(net, images_train, labels_train, images_test, labels_test, lr, epochs, batch_size, aug):
-    """Train `net` on the synthetic set with the original protocol; returns (train acc, test acc)."""
+def evaluate_synset(net, images_train, labels_train, images_test, labels_test, lr, epochs, batch_size, aug,
+                    standardize=False):
+    """Train `net` on the synthetic set with the original protocol; returns (train acc, test acc).
+    standardize: see run_epoch (train and test batches alike)."""
     images_train, labels_train = images_train.detach(), labels_train.detach()
     make_opt = lambda lr: torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     optimizer = make_opt(lr)
     for ep in range(epochs + 1):
-        _, acc_train = run_epoch(net, images_train, labels_train, batch_size, optimizer, aug)
+        _, acc_train = run_epoch(net, images_train, labels_train, batch_size, optimizer, aug, standardize)
         if ep == epochs // 2 + 1:
             optimizer = make_opt(lr * 0.1)
-    _, acc_test = run_epoch(net, images_test, labels_test, 256)
+    _, acc_test = run_epoch(net, images_test, labels_test, 256, standardize=standardize)
     return acc_train, acc_test
 
 
 def evaluate_pool(args, data, images, labels, lr, desc=''):
-    """Test accuracies {model: [num_eval accuracies]} of fresh networks of every model in the eval pool."""
+    """Test accuracies {model: [num_eval accuracies]} of fresh networks of every model in the eval pool.
+    With args.standardize_eval (LoMTT's switch; absent elsewhere) every batch is standardized (run_epoch)."""
     device = images.device
+    standardize = getattr(args, 'standardize_eval', False)
     test_x, test_y = data.images_test.to(device), data.labels_test.to(device)
     accs = {}
     for model_eval in get_eval_pool(args.eval_mode, args.model):
@@ -97,6 +106,7 @@ def evaluate_pool(args, data, images, labels, lr, desc=''):
         accs[model_eval] = []
         for _ in tqdm(range(args.num_eval), desc=f'{desc} eval {model_eval}', leave=False):
             net = get_network(model_eval, data.channel, data.num_classes, data.im_size).to(device)
-            _, acc = evaluate_synset(net, images, labels, test_x, test_y, lr, epochs, args.batch_train, aug)
+            _, acc = evaluate_synset(net, images, labels, test_x, test_y, lr, epochs, args.batch_train, aug,
+                                     standardize)
             accs[model_eval].append(acc)
     return accs

@@ -21,10 +21,11 @@ from tqdm import tqdm
 from networks import NETWORK_NAMES
 from utils import UserError
 from utils.augment import check_strategy, default_dsa_strategy
-from utils.data import DATASETS, denormalize
+from utils.data import DATASETS, ClassSampler, denormalize, load_dataset
 from utils.evaluate import EVAL_MODES, evaluate_pool
+from utils.synset import images_per_class
 
-# Arguments that may differ when a run is resumed: they do not change what the run computes.
+# Arguments that may be given anew when a run is resumed: they do not change what the run computes.
 NOT_SETTINGS = {'resume', 'device', 'data_path', 'save_path', 'config', 'run_name'}
 
 
@@ -55,6 +56,8 @@ def make_parser(description, defaults, low_rank):
                    help="DSA ops joined by '_' (color, crop, cutout, flip, scale, rotate) or 'none'; "
                         'default: the recommended one for the dataset')
     p.add_argument('--data_path', default='data', help='folder of the datasets')
+    p.add_argument('--test_images', type=int, default=None,
+                   help='evaluate on the first N test images only (quick looks; default: the whole test set)')
     p.add_argument('--save_path', default='result', help='folder of the runs')
     p.add_argument('--run_name', default=None, help='name of the run folder (default: date, time and seed)')
     p.add_argument('--seed', type=int, default=0, help='random seed (a CPU run repeats exactly)')
@@ -65,8 +68,9 @@ def make_parser(description, defaults, low_rank):
     return p
 
 
-def parse_args(parser, argv=None):
-    """Parse with a --config file under the flags; with --resume, take the run's saved settings."""
+def parse_args(parser, argv=None, prepare=None):
+    """Parse with a --config file under the flags; with --resume, take the run's saved settings.
+    prepare(args), if given, checks and derives a method's own arguments before the shared ones are."""
     argv = sys.argv[1:] if argv is None else argv
     known = {a.dest for a in parser._actions}
     pre, _ = parser.parse_known_args(argv)
@@ -80,6 +84,8 @@ def parse_args(parser, argv=None):
     args = parser.parse_args(argv)
     if args.resume:
         args = resumed_args(parser, argv, args)
+    if prepare:
+        prepare(args)
     return finish_args(args)
 
 
@@ -100,8 +106,8 @@ def resumed_args(parser, argv, args):
         shown = ', '.join(f'--{k} {saved[k]} (not {getattr(given, k)})' for k in differ)
         raise UserError(f'{args.resume} was run with other settings: {shown}; resume without those flags '
                         f'or start a new run.')
-    keep = {k: getattr(args, k) for k in NOT_SETTINGS if k in vars(args)}
-    return argparse.Namespace(**{**saved, **keep, 'resume': args.resume})
+    where = {k: v for k, v in vars(given).items() if k in NOT_SETTINGS}  # e.g. another --data_path
+    return argparse.Namespace(**{**saved, 'device': 'auto', **where, 'config': None, 'resume': args.resume})
 
 
 def finish_args(args):
@@ -110,6 +116,8 @@ def finish_args(args):
         raise UserError(f"unknown dataset '{args.dataset}'; choose one of: {', '.join(DATASETS)}.")
     if args.model not in NETWORK_NAMES:
         raise UserError(f"unknown model '{args.model}'; choose one of: {', '.join(NETWORK_NAMES)}.")
+    if args.test_images is not None and args.test_images < 1:
+        raise UserError(f'--test_images must be at least 1 (got {args.test_images}).')
     for name in ('ipc', 'num_exp', 'num_eval', 'batch_real', 'batch_train', 'eval_every', 'checkpoint_every'):
         if getattr(args, name) < 1:
             raise UserError(f'--{name} must be at least 1 (got {getattr(args, name)}).')
@@ -124,6 +132,18 @@ def finish_args(args):
     elif args.device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {args.device} was asked for but no CUDA GPU is available; use --device cpu.')
     return args
+
+
+def load_data(args):
+    """The dataset with its test split (and real training images, grouped by class) on the run's device.
+    Also checks --ipc/--rank against the image size, so bad input stops before anything is written."""
+    data = load_dataset(args.dataset, args.data_path)
+    images_per_class(args.ipc, getattr(args, 'rank', None), data.im_size)
+    device = torch.device(args.device)
+    n = args.test_images or len(data.images_test)
+    data.images_test, data.labels_test = data.images_test[:n].to(device), data.labels_test[:n].to(device)
+    sampler = ClassSampler(data.images_train.to(device), data.labels_train.to(device), data.num_classes)
+    return data, sampler
 
 
 def eval_iterations(args):
@@ -179,9 +199,10 @@ def mean_std(accs):
 class Run:
     """The run folder of one invocation; also drives the experiment and iteration loops."""
 
-    def __init__(self, args, method, show=None):
+    def __init__(self, args, method, show=None, report_best=False):
         self.args, self.method = args, method
         self.show = show  # maps synthetic images to [0, 1] pixels for the grids
+        self.report_best = report_best  # also report the best evaluation point (MTT's number; see best())
         self.eval_its = eval_iterations(args)
         rank = getattr(args, 'rank', None)
         tag = f'{method}_ipc{args.ipc}' + (f'_r{rank}' if rank else '')
@@ -194,7 +215,7 @@ class Run:
             if self.dir.exists():
                 raise UserError(f'{self.dir} already exists: choose another --run_name, or --resume it.')
             self.dir.mkdir(parents=True)
-            save_json(self.dir / 'args.json', {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS})
+            save_json(self.dir / 'args.json', {k: v for k, v in vars(args).items() if k not in ('resume', 'config')})
             self.ckpt = None
         self.log_file = open(self.dir / 'log.txt', 'a')
         self.results = self.ckpt['results'] if self.ckpt else {'evaluations': [], 'final': {}}
@@ -289,8 +310,22 @@ class Run:
         for model_eval, entry in final.items():
             flat = [a for exp_accs in entry['accs'] for a in exp_accs]
             entry['mean'], entry['std'] = mean_std(flat)
-        save_json(self.dir / 'results.json', {'method': self.method, **self.summary, **self.results,
+        best = {'best_over_evaluations': self.best()} if self.report_best else {}
+        save_json(self.dir / 'results.json', {'method': self.method, **self.summary, **self.results, **best,
                                              'complete': len(self.saved) == self.args.num_exp})
+
+    def best(self):
+        """{model: ...} the best mean accuracy over the evaluation points of each experiment, and mean ± std
+        of those over experiments. The original MTT reports this number; it selects on the test set."""
+        out = {}
+        for e in self.results['evaluations']:
+            per_exp = out.setdefault(e['model'], {'selected_on': 'test set (optimistic; the original MTT '
+                                                                'reports this)', 'per_exp': {}})['per_exp']
+            if str(e['exp']) not in per_exp or e['mean'] > per_exp[str(e['exp'])]['mean']:
+                per_exp[str(e['exp'])] = {'iteration': e['iteration'], 'mean': e['mean']}
+        for entry in out.values():
+            entry['mean'], entry['std'] = mean_std([b['mean'] for b in entry['per_exp'].values()])
+        return out
 
     def write_outputs(self, synset):
         """The original's res_*.pt ({'data': [[images, labels], ...], 'accs_all_exps': ...}) and, for low
@@ -323,6 +358,13 @@ class Run:
         for model_eval, entry in self.results['final'].items():
             n = sum(len(a) for a in entry['accs'])
             self.log(f'  {model_eval:12s} {100 * entry["mean"]:.2f} ± {100 * entry["std"]:.2f}  ({n} networks)')
+        if self.report_best:
+            self.log('Best mean test accuracy over the evaluation points (selected on the test set, as the '
+                     'original MTT reports; optimistic), mean ± std over experiments:')
+            for model_eval, entry in self.best().items():
+                its = ', '.join(str(b['iteration']) for b in entry['per_exp'].values())
+                self.log(f'  {model_eval:12s} {100 * entry["mean"]:.2f} ± {100 * entry["std"]:.2f}  '
+                         f'(at iteration {its})')
         self.log(f'Outputs in {self.dir}')
         self.log_file.close()
 
