@@ -11,9 +11,11 @@ Evaluation trains fresh networks with lr = the learned syn_lr.
 
 --matching chooses how the gradient is computed (utils/trajectory.py): 'unrolled' (the original) keeps the
 whole unroll in the autograd graph, so memory grows with syn_steps; 'exact' gives the same gradient with
-one step's graph at a time (it stores the syn_steps+1 parameter vectors and recomputes each step backwards,
-carrying the adjoint with a Hessian-vector product; about 1.5x the time); 'tesla' is TESLA's first-order
-APPROXIMATION (drops the dependence of later steps on earlier ones; cheapest; not the same gradient).
+one step's graph at a time (it stores only the syn_steps+1 parameter vectors and recomputes each step
+backwards, carrying the adjoint with a Hessian-vector product; about 1.3x the compute of 'unrolled');
+'tesla' is TESLA's first-order APPROXIMATION (drops the dependence of later steps on earlier ones, so no
+Hessian-vector product in θ; not the same gradient; constant memory too, and only slightly cheaper than
+'exact'). See benchmarks/bench_mtt.py.
 
 results.json reports the final accuracy (after --Iteration updates) and, labelled as selected on the test
 set, the best mean over the evaluation points (the number the original reports).
@@ -60,13 +62,17 @@ def make_mtt_parser(method, low_rank):
     g.add_argument('--zca', action='store_true', help='ZCA-whitened data (experts made with buffer.py --zca)')
     g.add_argument('--matching', choices=MODES,
                    help="gradient of the trajectory loss: 'unrolled' (the original; memory grows with "
-                        "syn_steps), 'exact' (the same gradient in constant memory, ~1.5x time), 'tesla' "
-                        "(TESLA's first-order approximation: constant memory, cheapest, not the same gradient)")
+                        "syn_steps), 'exact' (the same gradient in constant memory, ~1.3x compute), 'tesla' "
+                        "(TESLA's first-order approximation: constant memory, not the same gradient)")
     g.add_argument('--standardize_eval', action='store_true',
                    help="evaluate as the plugin's LoMTT code: every batch standardized to zero mean and unit "
                         "std (train and test); off by default")
     p.set_defaults(**{**DEFAULTS, **(LOW_RANK_DEFAULTS if low_rank else {})})
     return p
+
+
+def get_args(argv=None, low_rank=False):
+    return parse_args(make_mtt_parser('LoMTT' if low_rank else 'MTT', low_rank), argv, prepare=check_mtt_args)
 
 
 def check_mtt_args(args):
@@ -204,28 +210,26 @@ def stop(run, exp, it, synset, rate, unwhiten, err):
     raise UserError(f'{err} The synthetic set at that point is in {path}.') from None
 
 
-def guard(loss, grads, rate, it, stopper):
-    """check_finite, with non-finite gradients counted as a non-finite loss."""
+def guard(loss, grads, rate, it):
+    """check_finite (a UserError unless the loss is finite and syn_lr positive); non-finite gradients count
+    as a non-finite loss."""
     if not all(torch.isfinite(g).all() for g in grads):
         loss = float('nan')
-    try:
-        check_finite(loss, rate.lr.detach(), it)
-    except UserError as err:
-        stopper(err)
+    check_finite(loss, rate.lr.detach(), it)
 
 
 def main(argv=None, low_rank=False):
     method = 'LoMTT' if low_rank else 'MTT'
-    args = parse_args(make_mtt_parser(method, low_rank), argv)
-    check_mtt_args(args)
+    args = get_args(argv, low_rank)
     device = torch.device(args.device)
     data = load_dataset(args.dataset, args.data_path)
     images_per_class(args.ipc, getattr(args, 'rank', None), data.im_size)  # bad ipc/rank: stop now
-    unwhiten = zca_whiten(data, device) if args.zca else None
+    unwhiten = zca_whiten(data, device) if args.zca else None  # before anything uses the images
     student = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device).train()
     experts = Experts(args, sum(p.numel() for p in student.parameters()))
     sampler = ClassSampler(data.images_train, data.labels_train, data.num_classes)  # CPU: only for --init real
-    data.images_test, data.labels_test = data.images_test.to(device), data.labels_test.to(device)
+    n = args.test_images or len(data.images_test)
+    data.images_test, data.labels_test = data.images_test[:n].to(device), data.labels_test[:n].to(device)
     run = Run(args, method, show=unwhiten, report_best=True)
     run.log(f'experts: {len(experts.names)} files in {experts.folder}')
     param = ParamDiffAug()
@@ -239,24 +243,27 @@ def main(argv=None, low_rank=False):
         experts.restart()
         state = {'synset': synset, 'opt_img': opt_img, 'opt_lr': opt_lr, 'syn_lr': rate, 'experts': experts}
         batch_syn = args.batch_syn or len(synset.labels)
+
         def eval_lr():  # evaluation trains with the learned rate; results.json records it per experiment
             run.results.setdefault('syn_lr', {})[str(exp)] = rate.lr.item()
             return rate.lr.item()
 
         for it in run.iterations(exp, synset, state, eval_lr):
-            stopper = lambda err: stop(run, exp, it, synset, rate, unwhiten, err)
             theta_start, theta_target = experts.segment(device)
             batches = student_batches(len(synset.labels), batch_syn, args.syn_steps, device)
             X = synset.images()  # low rank: A·B once, before the unroll
             loss, grad_X, grad_lr = trajectory_loss_and_grads(student, X, synset.labels, rate.lr, theta_start,
                                                               theta_target, batches, augment, args.matching)
-            guard(loss, (grad_X, grad_lr), rate, it, stopper)
-            opt_img.zero_grad()
-            opt_lr.zero_grad()
-            backward_from(X, grad_X, rate.lr, grad_lr)
-            opt_img.step()
-            opt_lr.step()
-            guard(loss, (), rate, it, stopper)  # the step may have made syn_lr non-positive
+            try:
+                guard(loss, (grad_X, grad_lr), rate, it)
+                opt_img.zero_grad()
+                opt_lr.zero_grad()
+                backward_from(X, grad_X, rate.lr, grad_lr)
+                opt_img.step()
+                opt_lr.step()
+                guard(loss, (), rate, it)  # the step may have made syn_lr non-positive
+            except UserError as err:
+                stop(run, exp, it, synset, rate, unwhiten, err)
             if it % 10 == 0:
                 run.log(f'iter {it:6d}  loss {loss:.4f}  syn_lr {rate.lr.item():.6f}')
         if unwhiten is not None:  # the saved images are whitened (for evaluation); these are for viewing

@@ -6,7 +6,8 @@ images per class; batch_syn = the whole set, as the original) with a random expe
 Each setting runs in its own process so the peaks do not mix. Peak memory is, on CUDA,
 torch.cuda.max_memory_allocated during the timed iterations minus what was allocated before them; on the
 CPU, the growth of the process's peak resident set size (ru_maxrss) over its size before them (coarser:
-it includes allocator caching). A one-step iteration first warms up (the first call of each operator
+it includes allocator caching). On the CPU the table also gives the process's CPU seconds per iteration
+(user + system, all threads), which other processes on a busy machine disturb far less than wall time. A one-step iteration first warms up (the first call of each operator
 costs seconds on the CPU) and is not timed.
 
     python benchmarks/bench_mtt.py                      # everything: 2 methods x 3 modes x syn_steps 10 20 40
@@ -36,6 +37,11 @@ def rss_mb():
     """Current resident set size of this process in MiB (Linux)."""
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def one(method, mode, steps, args):
@@ -72,7 +78,7 @@ def one(method, mode, steps, args):
         torch.cuda.reset_peak_memory_stats(device)
     else:
         base = rss_mb()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     for _ in range(args.iters):
         iteration(steps)
     if device.type == 'cuda':
@@ -81,7 +87,8 @@ def one(method, mode, steps, args):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     return {'method': method, 'mode': mode, 'syn_steps': steps, 'images': n, 'batch_syn': batch_syn,
-            'device': str(device), 'sec_per_it': (time.perf_counter() - start) / args.iters, 'peak_mb': peak}
+            'device': str(device), 'sec_per_it': (time.perf_counter() - start) / args.iters,
+            'cpu_sec_per_it': (cpu_seconds() - cpu_start) / args.iters, 'peak_mb': peak}
 
 
 def main():
@@ -105,7 +112,8 @@ def main():
     if args.quick:
         args.steps, args.iters = [s for s in args.steps if s <= 20], 1
     print(f'{"method":6s} {"images":>6s} {"batch":>5s} {"mode":8s} {"syn_steps":>9s} {"s/iter":>8s} '
-          f'{"peak MiB":>9s}  ({args.device}, {args.model}, torch threads {torch.get_num_threads()})', flush=True)
+          f'{"cpu s/iter":>10s} {"peak MiB":>9s}  ({args.device}, {args.model}, torch threads '
+          f'{torch.get_num_threads()})', flush=True)
     for method in args.methods:
         for mode in args.modes:
             for steps in args.steps:
@@ -118,7 +126,7 @@ def main():
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f'{method:6s} {r["images"]:6d} {r["batch_syn"]:5d} {mode:8s} {steps:9d} '
-                      f'{r["sec_per_it"]:8.2f} {r["peak_mb"]:9.1f}', flush=True)
+                      f'{r["sec_per_it"]:8.2f} {r["cpu_sec_per_it"]:10.2f} {r["peak_mb"]:9.1f}', flush=True)
 
 
 if __name__ == '__main__':

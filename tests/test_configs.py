@@ -4,17 +4,25 @@ from pathlib import Path
 
 import pytest
 
+import main_DC
 import main_DM
+import main_MTT
 from utils import UserError
+from utils.run import parse_args
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*/*.json'))
 
 
 def get_args(path):
     method = path.stem.split('_')[0]
+    argv, low_rank = ['--config', str(path)], method.startswith('Lo')
     if method in ('DM', 'LoDM'):
-        return main_DM.get_args(['--config', str(path)], low_rank=method == 'LoDM')
-    pytest.skip(f'no argument check for {method} configs yet')
+        return main_DM.get_args(argv, low_rank)
+    if method in ('MTT', 'LoMTT'):
+        return main_MTT.get_args(argv, low_rank)
+    args = parse_args(main_DC.make_dc_parser(low_rank), argv, prepare=main_DC.resolve_method)
+    assert args.method == method.removeprefix('Lo')
+    return args
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: f'{p.parent.name}/{p.name}')

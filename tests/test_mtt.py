@@ -18,7 +18,7 @@ from conftest import DATA, REPO, run_script
 from networks import get_network
 from utils import UserError
 from utils.data import Data, load_dataset, zca_whiten
-from utils.run import parse_args, run_main
+from utils.run import run_main
 
 RAW = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 MLP_SHAPES = [(128, 784), (128,), (128, 128), (128,), (10, 128), (10,)]
@@ -305,8 +305,7 @@ def test_every_mtt_config_parses_to_its_values():
     assert len(paths) >= 11
     for path in paths:
         low_rank = path.name.startswith('LoMTT')
-        args = parse_args(main_MTT.make_mtt_parser('MTT', low_rank), ['--config', str(path)])
-        main_MTT.check_mtt_args(args)
+        args = main_MTT.get_args(['--config', str(path)], low_rank)
         for key, value in json.loads(path.read_text()).items():
             assert key.startswith('_') or getattr(args, key) == value, (path, key)
         assert args.max_start_epoch + args.expert_epochs <= 50  # the experts of the buffer command suffice
