@@ -19,7 +19,7 @@ import torch
 from networks import get_network
 from utils import UserError
 from utils.augment import ParamDiffAug
-from utils.matching import METRICS, freeze_batch_norm, get_loops, matching_loss, train_on_synset
+from utils.matching import METRICS, freeze_batch_norm, get_loops, matching_step, train_on_synset
 from utils.run import Run, load_data, make_parser, parse_args, run_main
 from utils.synset import make_synset
 
@@ -65,11 +65,7 @@ def dc_iteration(args, data, synset, optimizer, sampler, param, loops):
     total = 0.0
     for ol in range(outer_loop):
         freeze_batch_norm(net, sampler)
-        loss = matching_loss(net, synset, sampler, args, param)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
+        total += matching_step(net, synset, optimizer, sampler, args, param)
         if ol == outer_loop - 1:  # the net is not trained after the last matching step
             break
         train_on_synset(net, net_optimizer, synset, args, param, inner_loop)

@@ -117,13 +117,23 @@ def matching_loss(net, synset, sampler, args, param):
         syn = diff_augment(syn, args.dsa_strategy, param, seed=seed, groups=synset.labels)
     params = list(net.parameters())
     counts = torch.bincount(real_labels, minlength=synset.num_classes).tolist()
-    gw_reals = real_gradients(net, params, real.detach(), counts)
+    gw_reals = real_gradients(net, params, real, counts)
     loss = 0
     for c, (x, gw_real) in enumerate(zip(syn.split(synset.n), gw_reals)):
         loss_syn = F.cross_entropy(net(x), torch.full((len(x),), c, dtype=torch.long, device=x.device))
         gw_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
         loss = loss + match_loss(gw_syn, gw_real, args.dis_metric)
     return loss
+
+
+def matching_step(net, synset, optimizer, sampler, args, param):
+    """One SGD step of the synthetic set on matching_loss; returns the loss (summed over classes).
+    The backward pass stops at the synthetic set: no gradient is computed for the network."""
+    loss = matching_loss(net, synset, sampler, args, param)
+    optimizer.zero_grad()
+    loss.backward(inputs=list(synset.parameters()))
+    optimizer.step()
+    return loss.item()
 
 
 def train_on_synset(net, optimizer, synset, args, param, epochs):

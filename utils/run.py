@@ -7,6 +7,7 @@ what is actually stored), grid_exp<e>_it<i>.png and checkpoint.pt.
 """
 import argparse
 import copy
+import ctypes
 import json
 import math
 import os
@@ -134,9 +135,22 @@ def finish_args(args):
     return args
 
 
+def keep_freed_memory():
+    """glibc malloc: serve large blocks from the heap and keep freed memory for reuse. By default every
+    tensor over 32 MB is a fresh mmap, and touching its new pages costs a page fault each: on our 2-core
+    VMs that made a DC iteration (MNIST, ipc 1) 1.5x slower. No effect where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return
+    libc.mallopt(-4, 0)          # M_MMAP_MAX: no mmapped blocks
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB of free memory at the heap's top
+
+
 def load_data(args):
     """The dataset with its test split (and real training images, grouped by class) on the run's device.
     Also checks --ipc/--rank against the image size, so bad input stops before anything is written."""
+    keep_freed_memory()
     data = load_dataset(args.dataset, args.data_path)
     images_per_class(args.ipc, getattr(args, 'rank', None), data.im_size)
     device = torch.device(args.device)
