@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+# OpenMP threads that spin while waiting make small ops 45-80x slower when the 2 cores are shared with
+# other jobs; sleeping costs little when they are not. Set before torch is imported (subprocesses inherit it).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get('CONDENSE_DATA', REPO.parent / 'shared' / 'data'))
 sys.path.insert(0, str(REPO))
