@@ -31,9 +31,9 @@ from buffer import buffer_files, expert_dir, load_trajectories
 from networks import get_network
 from utils import UserError
 from utils.augment import ParamDiffAug, diff_augment
-from utils.data import ClassSampler, load_dataset, zca_whiten
-from utils.run import Run, make_parser, parse_args, run_main, save_torch
-from utils.synset import images_per_class, make_synset
+from utils.data import zca_whiten
+from utils.run import Run, make_parser, parse_args, place_data, read_data, run_main, save_torch
+from utils.synset import make_synset
 from utils.trajectory import (MODES, backward_from, check_finite, flatten_snapshot,
                               trajectory_loss_and_grads)
 
@@ -222,14 +222,11 @@ def main(argv=None, low_rank=False):
     method = 'LoMTT' if low_rank else 'MTT'
     args = get_args(argv, low_rank)
     device = torch.device(args.device)
-    data = load_dataset(args.dataset, args.data_path)
-    images_per_class(args.ipc, getattr(args, 'rank', None), data.im_size)  # bad ipc/rank: stop now
+    data = read_data(args)
     unwhiten = zca_whiten(data, device) if args.zca else None  # before anything uses the images
     student = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device).train()
     experts = Experts(args, sum(p.numel() for p in student.parameters()))
-    sampler = ClassSampler(data.images_train, data.labels_train, data.num_classes)  # CPU: only for --init real
-    n = args.test_images or len(data.images_test)
-    data.images_test, data.labels_test = data.images_test[:n].to(device), data.labels_test[:n].to(device)
+    sampler = place_data(args, data, 'cpu')  # real training images: only for --init real
     run = Run(args, method, show=unwhiten, report_best=True)
     run.log(f'experts: {len(experts.names)} files in {experts.folder}')
     param = ParamDiffAug()

@@ -18,7 +18,7 @@ from networks import get_network  # noqa: E402
 from utils.augment import ParamDiffAug, diff_augment  # noqa: E402
 from utils.data import ClassSampler, Data  # noqa: E402
 from utils.evaluate import run_epoch  # noqa: E402
-from utils.run import make_parser, parse_args  # noqa: E402
+from utils.run import keep_freed_memory, make_parser, parse_args  # noqa: E402
 from utils.synset import SyntheticSet  # noqa: E402
 
 SHAPES = {'MNIST': (1, (28, 28)), 'CIFAR10': (3, (32, 32))}
@@ -92,6 +92,7 @@ def main():
     p.add_argument('--device', default='auto')
     p.add_argument('--repeats', type=int, default=5)
     opts = p.parse_args()
+    keep_freed_memory()  # as the scripts do
     torch.manual_seed(0)
     rows = []
     for name in SHAPES:

@@ -147,17 +147,29 @@ def keep_freed_memory():
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB of free memory at the heap's top
 
 
-def load_data(args):
-    """The dataset with its test split (and real training images, grouped by class) on the run's device.
-    Also checks --ipc/--rank against the image size, so bad input stops before anything is written."""
+def read_data(args):
+    """The dataset of args; also checks --ipc/--rank against its image size, so bad input stops before
+    anything is written."""
     keep_freed_memory()
     data = load_dataset(args.dataset, args.data_path)
     images_per_class(args.ipc, getattr(args, 'rank', None), data.im_size)
+    return data
+
+
+def place_data(args, data, sampler_device):
+    """The test split (the first --test_images) on the run's device; the real training images grouped by
+    class on `sampler_device`."""
     device = torch.device(args.device)
     n = args.test_images or len(data.images_test)
     data.images_test, data.labels_test = data.images_test[:n].to(device), data.labels_test[:n].to(device)
-    sampler = ClassSampler(data.images_train.to(device), data.labels_train.to(device), data.num_classes)
-    return data, sampler
+    return ClassSampler(data.images_train.to(sampler_device), data.labels_train.to(sampler_device),
+                        data.num_classes)
+
+
+def load_data(args):
+    """(data, sampler) with everything on the run's device."""
+    data = read_data(args)
+    return data, place_data(args, data, args.device)
 
 
 def eval_iterations(args):

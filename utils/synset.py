@@ -55,7 +55,8 @@ class SyntheticSet(nn.Module):
         """All images (N, C, H, W), or those of the given classes (a list), in class order."""
         if classes is None:
             return self.pixels if self.rank is None else self.a @ self.b
-        idx = torch.cat([torch.arange(c * self.n, (c + 1) * self.n) for c in classes]).to(self.labels.device)
+        device = self.labels.device
+        idx = (torch.tensor(classes, device=device)[:, None] * self.n + torch.arange(self.n, device=device)).flatten()
         if self.rank is None:
             return self.pixels[idx]
         return self.a[idx] @ self.b[idx]
