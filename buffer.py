@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from networks import NETWORK_NAMES, get_network
 from utils import UserError
-from utils.augment import ParamDiffAug, check_strategy, dc_augment, default_dsa_strategy, diff_augment
+from utils.augment import ParamDiffAug, check_strategy, dc_augment, default_dsa_strategy, diff_augment, get_daparam
 from utils.data import DATASETS, load_dataset, zca_whiten
 from utils.evaluate import run_epoch
-from utils.run import run_main, save_json, save_torch
+from utils.run import resolve_device, run_main, save_json, save_torch
 
 # Settings a continued run must share with the existing experts (the others do not change an expert).
 SETTINGS = ('dataset', 'model', 'lr_teacher', 'batch_train', 'dsa_strategy', 'train_epochs', 'zca', 'decay',
@@ -77,10 +77,7 @@ def parse_args(argv=None):
     if args.dsa_strategy is None:
         args.dsa_strategy = default_dsa_strategy(args.dataset)
     check_strategy(args.dsa_strategy)
-    if args.device == 'auto':
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    elif args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device} was asked for but no CUDA GPU is available; use --device cpu.')
+    args.device = resolve_device(args.device)
     return args
 
 
@@ -115,7 +112,7 @@ def snapshot(net):
 def augmenter(args):
     """Per-batch training augmentation: non-Siamese DSA, or classic crop_scale_rotate without DSA."""
     if args.dsa_strategy in ('', 'none', 'None'):
-        daparam = {'crop': 4, 'scale': 0.2, 'rotate': 45, 'noise': 0.001, 'strategy': 'crop_scale_rotate'}
+        daparam = {**get_daparam(args.dataset, args.model), 'strategy': 'crop_scale_rotate'}  # as the original
         return lambda x: dc_augment(x, daparam)
     param = ParamDiffAug()
     return lambda x: diff_augment(x, args.dsa_strategy, param)

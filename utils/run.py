@@ -128,11 +128,17 @@ def finish_args(args):
         args.dsa_strategy = default_dsa_strategy(args.dataset)
     check_strategy(args.dsa_strategy)
     args.dsa = args.dsa_strategy not in ('', 'none', 'None')
-    if args.device == 'auto':
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    elif args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device} was asked for but no CUDA GPU is available; use --device cpu.')
+    args.device = resolve_device(args.device)
     return args
+
+
+def resolve_device(device):
+    """'auto' is CUDA when present, else the CPU; asking for CUDA without a GPU is a UserError."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {device} was asked for but no CUDA GPU is available; use --device cpu.')
+    return device
 
 
 def keep_freed_memory():
