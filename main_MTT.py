@@ -24,23 +24,30 @@ set, the best mean over the evaluation points (the number the original reports).
     python main_MTT.py --config configs/CIFAR10/MTT_ipc1.json
     python main_LoMTT.py --config configs/CIFAR10/LoMTT_ipc1.json
 """
+import os
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads: idle OpenMP threads sleep, not spin
+
 import torch
 from torch import nn
 
 from buffer import buffer_files, expert_dir, load_trajectories
 from networks import get_network
-from utils import UserError
-from utils.augment import ParamDiffAug, diff_augment
+from utils import UserError, to_device
+from utils.augmentation import FULL_STRATEGY, ParamDiffAug, diff_augment
 from utils.data import zca_whiten
-from utils.run import Run, make_parser, parse_args, place_data, read_data, run_main, save_torch
+from utils.memory import check_memory
+from utils.run import (Run, add_original_mtt_flags, apply_original_mtt_flags, check_rates, make_parser, parse_args,
+                       place_data, read_data, run_main, save_torch, str_to_bool)
 from utils.synset import make_synset
-from utils.trajectory import (MODES, backward_from, check_finite, flatten_snapshot,
+from utils.trajectory import (MODES, backward_from, check_step, flatten_snapshot,
                               trajectory_loss_and_grads)
 
 # The original MTT distill.py defaults (section 4.7), and the plugin's main_LoMTT where it differs.
 DEFAULTS = dict(dataset='CIFAR10', ipc=1, init='real', eval_mode='S', eval_every=100, num_eval=5, num_exp=1,
                 Iteration=5000, lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01, syn_steps=20, expert_epochs=3,
-                max_start_epoch=25, buffer_path='buffers', matching='unrolled')
+                max_start_epoch=25, buffer_path='buffers', matching='unrolled', dsa_strategy=FULL_STRATEGY,
+                epoch_eval_train=1000)
 LOW_RANK_DEFAULTS = dict(init='noise', lr_lr=1e-7, syn_steps=50, expert_epochs=2, max_start_epoch=5)
 
 
@@ -66,7 +73,10 @@ def make_mtt_parser(method, low_rank):
                         "(TESLA's first-order approximation: constant memory, not the same gradient)")
     g.add_argument('--standardize_eval', action='store_true',
                    help="evaluate as the plugin's LoMTT code: every batch standardized to zero mean and unit "
-                        "std (train and test); off by default")
+                        "std (train and test, test batches of 128); off by default")
+    g.add_argument('--no_aug', type=str_to_bool, default=False,
+                   help='no DSA in the student unroll (evaluation keeps it); the original MTT flag')
+    add_original_mtt_flags(p)
     p.set_defaults(**{**DEFAULTS, **(LOW_RANK_DEFAULTS if low_rank else {})})
     return p
 
@@ -80,10 +90,8 @@ def check_mtt_args(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f'--{name} must be at least 1 (got {value}).')
-    if args.lr_teacher <= 0:
-        raise UserError(f'--lr_teacher (the initial syn_lr) must be positive (got {args.lr_teacher}).')
-    if args.lr_lr < 0 or args.lr_img < 0:
-        raise UserError(f'--lr_lr and --lr_img must not be negative (got {args.lr_lr}, {args.lr_img}).')
+    check_rates(args, 'lr_teacher', 'lr_lr')
+    apply_original_mtt_flags(args)
 
 
 class LearnedRate(nn.Module):
@@ -171,7 +179,7 @@ class Experts:
         """(θ_start, θ_target) flat on `device`: a random start epoch below max_start_epoch."""
         trajectory = self.next()
         start = int(torch.randint(self.args.max_start_epoch, ()))
-        return trajectory[start].to(device), trajectory[start + self.args.expert_epochs].to(device)
+        return to_device(trajectory[start], device), to_device(trajectory[start + self.args.expert_epochs], device)
 
     def state_dict(self):
         if self.all is not None:
@@ -187,35 +195,14 @@ class Experts:
 
 def student_batches(n, batch_syn, steps, device):
     """One index tensor per student step: chunks of batch_syn of random permutations of range(n), taken
-    from the end (the original's pop()), a new permutation when they run out."""
+    from the end (the original's pop()), a new permutation when they run out. Drawn on the host and
+    copied to the device in one copy."""
     chunks, out = [], []
     for _ in range(steps):
         if not chunks:
             chunks = list(torch.randperm(n).split(batch_syn))
-        out.append(chunks.pop().to(device))
-    return out
-
-
-def stop(run, exp, it, synset, rate, unwhiten, err):
-    """Save the synthetic set as it is, then raise the guard's UserError naming the file."""
-    images = synset.images().detach()
-    saved = {'iteration': it, 'syn_lr': rate.lr.item(), 'images': images.cpu(), 'labels': synset.labels.cpu(),
-             'factors': synset.factors()}
-    if unwhiten is not None:
-        saved['images_unwhitened'] = unwhiten(images).cpu()
-    path = run.dir / f'stopped_exp{exp}_it{it}.pt'
-    save_torch(path, saved)
-    run.save_grid(images, synset.n, run.dir / f'grid_exp{exp}_stopped_it{it}.png')
-    run.log(f'stopped: {err}; the synthetic set is in {path}')
-    raise UserError(f'{err} The synthetic set at that point is in {path}.') from None
-
-
-def guard(loss, grads, rate, it):
-    """check_finite (a UserError unless the loss is finite and syn_lr positive); non-finite gradients count
-    as a non-finite loss."""
-    if not all(torch.isfinite(g).all() for g in grads):
-        loss = float('nan')
-    check_finite(loss, rate.lr.detach(), it)
+        out.append(chunks.pop())
+    return list(to_device(torch.cat(out), device).split([len(b) for b in out]))
 
 
 def main(argv=None, low_rank=False):
@@ -223,14 +210,16 @@ def main(argv=None, low_rank=False):
     args = get_args(argv, low_rank)
     device = torch.device(args.device)
     data = read_data(args)
+    estimate = check_memory(method, args, data)
     unwhiten = zca_whiten(data, device) if args.zca else None  # before anything uses the images
     student = get_network(args.model, data.channel, data.num_classes, data.im_size).to(device).train()
     experts = Experts(args, sum(p.numel() for p in student.parameters()))
     sampler = place_data(args, data, 'cpu')  # real training images: only for --init real
-    run = Run(args, method, show=unwhiten, report_best=True)
+    run = Run(args, method, show=unwhiten, report_best=True, hint='lower --lr_lr or --lr_img')
+    run.log(f'estimated peak memory: {estimate.total / 2**30:.1f} GiB')
     run.log(f'experts: {len(experts.names)} files in {experts.folder}')
     param = ParamDiffAug()
-    augment = (lambda x: diff_augment(x, args.dsa_strategy, param)) if args.dsa else None
+    augment = (lambda x: diff_augment(x, args.dsa_strategy, param)) if args.dsa and not args.no_aug else None
     for exp in run.experiments():
         synset = make_synset(args, data, sampler).to(device)
         run.start(data, synset)
@@ -251,16 +240,14 @@ def main(argv=None, low_rank=False):
             X = synset.images()  # low rank: A·B once, before the unroll
             loss, grad_X, grad_lr = trajectory_loss_and_grads(student, X, synset.labels, rate.lr, theta_start,
                                                               theta_target, batches, augment, args.matching)
-            try:
-                guard(loss, (grad_X, grad_lr), rate, it)
+            with run.guard(exp, it, synset, extra=lambda: {'syn_lr': rate.lr.item()}):
+                check_step(loss, (grad_X, grad_lr), rate.lr)
                 opt_img.zero_grad()
                 opt_lr.zero_grad()
                 backward_from(X, grad_X, rate.lr, grad_lr)
                 opt_img.step()
                 opt_lr.step()
-                guard(loss, (), rate, it)  # the step may have made syn_lr non-positive
-            except UserError as err:
-                stop(run, exp, it, synset, rate, unwhiten, err)
+                check_step(loss, (), rate.lr)  # the step may have made syn_lr non-positive
             if it % 10 == 0:
                 run.log(f'iter {it:6d}  loss {loss:.4f}  syn_lr {rate.lr.item():.6f}')
         if unwhiten is not None:  # the saved images are whitened (for evaluation); these are for viewing

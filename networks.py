@@ -9,6 +9,7 @@ size is computed from channel and im_size, so other sizes (e.g. 64x64) work too.
 """
 from functools import partial
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -213,8 +214,10 @@ MODELS = {
 NETWORK_NAMES = list(MODELS)
 
 
-def get_network(name, channel, num_classes, im_size=(32, 32)):
-    """A freshly initialized model (on the CPU, from the global torch RNG) for (N, channel, *im_size) inputs."""
+def get_network(name, channel, num_classes, im_size=(32, 32), device='cpu'):
+    """A freshly initialized model for (N, channel, *im_size) inputs, built on `device` (initialized from
+    that device's global torch RNG)."""
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(NETWORK_NAMES)}")
-    return MODELS[name](channel, num_classes, tuple(im_size))
+    with torch.device(device):
+        return MODELS[name](channel, num_classes, tuple(im_size))

@@ -13,11 +13,12 @@ import main_DC
 from conftest import run_script
 from networks import get_network
 from utils import UserError
-from utils.augment import ParamDiffAug, default_dsa_strategy
+from utils.augmentation import ParamDiffAug, default_dsa_strategy
 from utils.data import ClassSampler, load_dataset
 from utils.evaluate import EVAL_POOLS, evaluate_synset
+import utils.matching as matching
 from utils.matching import (batch_norm_modules, freeze_batch_norm, get_loops, match_loss, matching_loss,
-                            matching_step, real_gradients)
+                            matching_step)
 from utils.run import parse_args
 from utils.synset import SyntheticSet
 
@@ -64,12 +65,12 @@ def test_get_loops_keeps_the_original_table_and_derives_the_rest():
 
 def test_an_iteration_matches_outer_times_and_trains_in_between(monkeypatch):
     calls = []
-    monkeypatch.setattr(main_DC, 'matching_step', lambda *a: calls.append('match') or 0.0)
-    monkeypatch.setattr(main_DC, 'train_on_synset', lambda *a: calls.append(a[-1]))
+    monkeypatch.setattr(matching, 'matching_step', lambda *a: calls.append('match') or 0.0)
+    monkeypatch.setattr(matching, 'train_on_synset', lambda *a: calls.append(a[-1]))
     data, sampler = toy_data()
     synset = SyntheticSet(3, 1, 1, (12, 12))
     optimizer = torch.optim.SGD(synset.parameters(), lr=0.1)
-    main_DC.dc_iteration(toy_args(), data, synset, optimizer, sampler, ParamDiffAug(), (3, 5))
+    matching.dc_iteration(toy_args(), data, synset, optimizer, sampler, ParamDiffAug(), (3, 5))
     assert calls == ['match', 5, 'match', 5, 'match']
 
 
@@ -89,19 +90,24 @@ def toy_data(num_classes=3, per_class=20, size=12):
     return data, ClassSampler(images, labels, num_classes)
 
 
-def test_real_gradients_are_per_class_constants():
+@pytest.mark.parametrize('classes', [None, [2, 0]])
+def test_matching_loss_sums_the_distances_of_the_sets_classes(classes):
+    """Per class c of the set: the distance between the gradients of the cross-entropy (label c) on a real
+    batch of c and on c's synthetic images. A set of some classes (continual learning) keeps global labels."""
     _, sampler = toy_data()
     torch.manual_seed(1)
     net = get_network('ConvNet', 1, 3, (12, 12))
-    params = list(net.parameters())
-    real = sampler.images[torch.cat([torch.arange(0, 3), torch.arange(20, 25), torch.arange(40, 42)])]
-    grads = real_gradients(net, params, real, [3, 5, 2])
-    for c, x in enumerate(real.split([3, 5, 2])):
-        y = torch.full((len(x),), c)
-        expected = torch.autograd.grad(F.cross_entropy(net(x), y), params)
-        for g, e in zip(grads[c], expected):
-            assert not g.requires_grad
-            torch.testing.assert_close(g, e)
+    synset = SyntheticSet(3, 2, 1, (12, 12), classes=classes)
+    torch.manual_seed(3)
+    loss = matching_loss(net, synset, sampler, toy_args(), ParamDiffAug())
+    torch.manual_seed(3)
+    real = sampler.sample(8, synset.classes)[0]
+    params, expected = list(net.parameters()), 0
+    for c, x_real, x_syn in zip(synset.classes, real.split(8), synset.images().split(2)):
+        gw_real = torch.autograd.grad(F.cross_entropy(net(x_real), torch.full((8,), c)), params)
+        gw_syn = torch.autograd.grad(F.cross_entropy(net(x_syn), torch.full((2,), c)), params)
+        expected = expected + match_loss(gw_syn, gw_real, 'ours')
+    torch.testing.assert_close(loss, expected)
 
 
 @pytest.mark.parametrize('rank, dsa', [(None, False), (2, False), (None, True)])
@@ -136,7 +142,7 @@ def test_batch_norm_is_set_from_16_real_images_per_class_then_frozen():
     with torch.no_grad():
         conv_mean = net.features[0](first_batch).mean(dim=(0, 2, 3))
     torch.manual_seed(5)
-    freeze_batch_norm(net, sampler)
+    freeze_batch_norm(net, sampler, [0, 1, 2])
     # one momentum-0.1 update from the initial statistics (mean 0), from 3 x 16 images
     torch.testing.assert_close(bn[0].running_mean, 0.1 * conv_mean)
     assert all(not m.training for m in bn) and net.training
@@ -166,7 +172,7 @@ def test_method_decides_dsa():
 
 
 @pytest.mark.parametrize('flags, message', [
-    (['--dsa_strategy', 'crop'], '--method DC uses no augmentation'),
+    (['--dsa_strategy', 'crop'], '--method DC uses no DSA'),
     (['--method', 'DSA', '--dsa_strategy', 'none'], '--method DSA needs DSA operations'),
 ])
 def test_contradicting_method_flags_are_refused(flags, message):
@@ -187,7 +193,7 @@ def test_every_config_parses_with_its_method():
 
 # ------------------------------------------------------------------------------------------ end to end
 
-TINY = ['--dataset', 'MNIST', '--ipc', '1', '--Iteration', '2', '--num_exp', '1', '--num_eval', '1',
+TINY = ['--device', 'cpu', '--dataset', 'MNIST', '--ipc', '1', '--Iteration', '2', '--num_exp', '1', '--num_eval', '1',
         '--epoch_eval_train', '1', '--batch_real', '16', '--test_images', '200']
 
 
@@ -249,6 +255,6 @@ def test_short_dc_beats_random_real_images(mnist_path):
     synset = SyntheticSet(10, 1, 1, (28, 28))
     optimizer = torch.optim.SGD(synset.parameters(), lr=1.0, momentum=0.5)
     for _ in range(15):
-        main_DC.dc_iteration(args, data, synset, optimizer, sampler, ParamDiffAug(), get_loops(1))
+        matching.dc_iteration(args, data, synset, optimizer, sampler, ParamDiffAug(), get_loops(1))
     dc = accuracy(synset.images().detach(), synset.labels, nets=3)
     assert dc > random_real + 0.07, (dc, random_real)

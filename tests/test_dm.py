@@ -1,15 +1,19 @@
 """DM and LoDM end to end on real MNIST: outputs, --resume, bad input, and the DM loss itself."""
+import argparse
 import json
 
 import pytest
 import torch
 
 import main_DM
+import utils.distribution as distribution
 from conftest import run_script
-from networks import get_network
+from utils.augmentation import FULL_STRATEGY, ParamDiffAug
+from utils.data import ClassSampler
 from utils.run import run_main
+from utils.synset import SyntheticSet
 
-TINY = ['--dataset', 'MNIST', '--ipc', '1', '--Iteration', '3', '--eval_every', '2', '--num_exp', '1',
+TINY = ['--device', 'cpu', '--dataset', 'MNIST', '--ipc', '1', '--Iteration', '3', '--eval_every', '2', '--num_exp', '1',
         '--num_eval', '1', '--epoch_eval_train', '2', '--batch_real', '16', '--test_images', '500']
 
 
@@ -52,7 +56,7 @@ def test_resume_ends_with_the_same_synthetic_set(tmp_path, mnist_path, monkeypat
     main_DM.main([*args, '--run_name', 'whole'], low_rank=True)
     whole = torch.load(run_dir(tmp_path, 'LoDM', 'whole') / 'res_LoDM_MNIST_ConvNet_7ipc.pt')
 
-    calls, real_loss = [0], main_DM.dm_loss
+    calls, real_loss = [0], distribution.dm_backward
 
     def dying_loss(*a, **k):  # the process is killed in experiment 1, after its checkpoint at iteration 4
         calls[0] += 1
@@ -60,10 +64,10 @@ def test_resume_ends_with_the_same_synthetic_set(tmp_path, mnist_path, monkeypat
             raise KeyboardInterrupt
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(main_DM, 'dm_loss', dying_loss)
+    monkeypatch.setattr(distribution, 'dm_backward', dying_loss)
     with pytest.raises(KeyboardInterrupt):
         main_DM.main([*args, '--run_name', 'killed'], low_rank=True)
-    monkeypatch.setattr(main_DM, 'dm_loss', real_loss)
+    monkeypatch.setattr(distribution, 'dm_backward', real_loss)
     d = run_dir(tmp_path, 'LoDM', 'killed')
     assert torch.load(d / 'checkpoint.pt', weights_only=False)['it'] == 4
     main_DM.main(['--resume', str(d)], low_rank=True)
@@ -103,15 +107,63 @@ def test_bad_input_stops_with_one_clear_sentence(tmp_path, mnist_path, flags, me
     assert not (tmp_path / 'out').exists()  # nothing half-made
 
 
-def test_dm_loss_is_the_sum_of_squared_class_mean_differences():
+def toy_dm(model='ConvNet', rank=None, dsa=True, per_class=8):
+    """4 classes of `per_class` random 1x12x12 images, a synthetic set of budget ipc 2, DM arguments."""
     torch.manual_seed(0)
-    net = get_network('ConvNet', 1, 3, (28, 28))
-    real = torch.randn(12, 1, 28, 28)
-    real_labels = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
-    syn = torch.randn(6, 1, 28, 28)
-    syn_labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    by_hand = sum(((net.embed(real[real_labels == c]).mean(0) - net.embed(syn[syn_labels == c]).mean(0)) ** 2).sum()
-                  for c in range(3))
-    f_real, f_syn = main_DM.embed(net, real, chunk=5), main_DM.embed(net, syn)
-    ours = ((main_DM.class_means(f_real, real_labels, 3) - main_DM.class_means(f_syn, syn_labels, 3)) ** 2).sum()
-    torch.testing.assert_close(ours, by_hand, rtol=1e-4, atol=1e-4)
+    labels = torch.arange(4).repeat_interleave(per_class)
+    images = torch.randn(len(labels), 1, 12, 12) + labels.view(-1, 1, 1, 1)
+    data = argparse.Namespace(channel=1, num_classes=4, im_size=(12, 12))
+    args = argparse.Namespace(model=model, batch_real=8, dsa=dsa, compile=False,
+                              dsa_strategy=FULL_STRATEGY if dsa else 'none')
+    synset = SyntheticSet(4, 2, 1, (12, 12), rank)
+    return data, ClassSampler(images, labels, 4), synset, args
+
+
+def dm_gradient(net, synset, sampler, args, blocks, seed=1):
+    synset.zero_grad()
+    torch.manual_seed(seed)
+    loss = distribution.dm_backward(net, synset, sampler, args, ParamDiffAug(), blocks)
+    return loss, [p.grad.clone() for p in synset.parameters()]
+
+
+def test_dm_loss_is_the_sum_of_squared_class_mean_differences():
+    data, sampler, synset, args = toy_dm(dsa=False)  # batch_real = class size: every real image counts
+    net = distribution.frozen_network('ConvNet', data, 'cpu')
+    loss, _ = dm_gradient(net, synset, sampler, args, [[0, 1, 2, 3]])
+    real, syn = sampler.images, synset.images().detach()
+    by_hand = sum(((net.embed(real[8 * c:8 * c + 8]).mean(0) - net.embed(syn[2 * c:2 * c + 2]).mean(0)) ** 2).sum()
+                  for c in range(4))
+    torch.testing.assert_close(loss, by_hand, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('model, rank', [('ConvNet', None), ('ConvNet', 2), ('ConvNetBN', None)])
+def test_class_blocks_give_the_one_pass_loss_and_gradient(monkeypatch, model, rank):
+    """Blocks of one class (a 8-image real chunk) against one block of all classes: the same loss and the
+    same gradient; batch-norm networks always take one block."""
+    data, sampler, synset, args = toy_dm(model, rank)
+    net = distribution.frozen_network(model, data, 'cpu')
+    whole = dm_gradient(net, synset, sampler, args, [[0, 1, 2, 3]])
+    monkeypatch.setitem(distribution.REAL_CHUNK, 'cpu', 8)
+    blocks = distribution.class_blocks(args, synset.classes, 'cpu')
+    assert blocks == ([[0, 1, 2, 3]] if 'BN' in model else [[0], [1], [2], [3]])
+    chunked = dm_gradient(net, synset, sampler, args, blocks)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=1e-5)
+    for g_chunked, g_whole in zip(chunked[1], whole[1]):
+        torch.testing.assert_close(g_chunked, g_whole, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_condensed_apart_add_up_exactly(monkeypatch):
+    """Two processes each taking half of the blocks, with the same random state, compute bit for bit what one
+    process computes for all of them: the gradient rows of their own classes, zeros elsewhere."""
+    monkeypatch.setitem(distribution.REAL_CHUNK, 'cpu', 16)
+    data, sampler, synset, args = toy_dm(rank=2)
+    net = distribution.frozen_network('ConvNet', data, 'cpu')
+    blocks = distribution.class_blocks(args, synset.classes, 'cpu')
+    assert blocks == [[0, 1], [2, 3]]
+    one = dm_gradient(net, synset, sampler, args, blocks)
+    first, second = (dm_gradient(net, synset, sampler, args, part) for part in ([blocks[0]], [blocks[1]]))
+    assert torch.equal(first[0] + second[0], one[0])
+    half = 2 * synset.n  # rows of classes 0 and 1
+    for g, g1, g2 in zip(one[1], first[1], second[1]):
+        assert torch.equal(g[:half], g1[:half]) and torch.equal(g[half:], g2[half:])
+        assert not g1[half:].any() and not g2[:half].any()

@@ -22,9 +22,9 @@ from utils.run import run_main
 
 RAW = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 MLP_SHAPES = [(128, 784), (128,), (128, 128), (128,), (10, 128), (10,)]
-BUFFER = ['--dataset', 'MNIST', '--model', 'MLP', '--num_experts', '2', '--train_epochs', '2',
+BUFFER = ['--device', 'cpu', '--dataset', 'MNIST', '--model', 'MLP', '--num_experts', '2', '--train_epochs', '2',
           '--save_interval', '1', '--batch_train', '128']
-TINY = ['--dataset', 'MNIST', '--model', 'MLP', '--ipc', '1', '--Iteration', '3', '--eval_every', '2',
+TINY = ['--device', 'cpu', '--dataset', 'MNIST', '--model', 'MLP', '--ipc', '1', '--Iteration', '3', '--eval_every', '2',
         '--num_eval', '1', '--epoch_eval_train', '2', '--syn_steps', '3', '--expert_epochs', '1',
         '--max_start_epoch', '2', '--lr_img', '100']
 
@@ -88,7 +88,7 @@ def test_buffer_rerun_continues_after_existing_files(buffers, small_mnist, tmp_p
     before = {n: (folder / f'replay_buffer_{n}.pt').read_bytes() for n in (0, 1)}
     common = [*BUFFER, '--data_path', str(small_mnist), '--buffer_path', str(tmp_path)]
     buffer.main([*common, '--num_experts', '3'])
-    assert '2 experts in 2 files; 1 to train' in capsys.readouterr().out
+    assert '2 experts in 2 files; files to make [2]' in capsys.readouterr().out
     assert {n: (folder / f'replay_buffer_{n}.pt').read_bytes() for n in (0, 1)} == before
     third = torch.load(folder / 'replay_buffer_2.pt')
     assert len(third) == 1 and len(third[0]) == 3
@@ -99,6 +99,11 @@ def test_buffer_rerun_continues_after_existing_files(buffers, small_mnist, tmp_p
     with pytest.raises(SystemExit) as e:
         run_main(buffer.main, [*common, '--num_experts', '4', '--lr_teacher', '0.1'])
     assert e.value.code == 2 and '--lr_teacher 0.01 (not 0.1)' in capsys.readouterr().err
+
+
+def test_file_n_holds_experts_from_n_times_save_interval():
+    assert buffer.file_plan(5, 2) == {0: [0, 1], 1: [2, 3], 2: [4]}
+    assert buffer.file_plan(6, 2)[2] == [4, 5]  # a short last file is redone when --num_experts grows
 
 
 def test_zca_whitening_then_its_inverse_returns_the_input():

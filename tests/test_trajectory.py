@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError
-from utils.trajectory import (FlatModel, backward_from, check_finite, flatten_params, flatten_snapshot,
+from utils import Diverged, UserError
+from utils.trajectory import (FlatModel, backward_from, check_step, flatten_params, flatten_snapshot,
                               trajectory_loss_and_grads)
 
 DT = torch.float64
@@ -158,8 +158,9 @@ def test_bad_inputs(setup):
         trajectory_loss_and_grads(net, X, y, lr, ts[:-1], tt[:-1], batches, None, 'exact')
 
 
-def test_check_finite():
-    check_finite(0.8, torch.tensor(0.01), 3)
-    for loss, lr in [(float('nan'), 0.01), (float('inf'), 0.01), (torch.tensor(0.5), -0.001), (0.5, 0.0)]:
-        with pytest.raises(UserError, match=r'iteration 17.*lower --lr_lr or --lr_img'):
-            check_finite(loss, torch.tensor(lr), 17)
+def test_check_step():
+    check_step(0.8, (torch.ones(3),), torch.tensor(0.01))
+    for loss, grad, lr in [(float('nan'), 1.0, 0.01), (float('inf'), 1.0, 0.01), (0.5, 1.0, -0.001),
+                           (0.5, 1.0, 0.0), (0.5, float('nan'), 0.01)]:
+        with pytest.raises(Diverged, match=r'loss .*, syn_lr'):
+            check_step(loss, (torch.tensor([0.0, grad]),), torch.tensor(lr))

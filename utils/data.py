@@ -4,7 +4,6 @@ Every dataset is returned as one float32 tensor per split, equal to torchvision'
 Normalize(mean, std) applied to each image, but computed on the whole uint8 array at once.
 """
 import contextlib
-import os
 import pickle
 import socket
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from torchvision import datasets
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 from torchvision.datasets.utils import check_integrity
 
-from utils import UserError
+from utils import UserError, to_device
 
 DATASETS = ('MNIST', 'FashionMNIST', 'SVHN', 'CIFAR10', 'CIFAR100', 'TinyImageNet')
 
@@ -245,40 +244,57 @@ def _read_images(items):
 class ClassSampler:
     """Real training images grouped by class, kept on one device; draws random per-class batches.
 
-    index: (num_classes, max_count) long, row c lists the indices of class c, padded with -1.
-    counts: (num_classes,) long, images per class.
+    index: (num_classes, max_count) long on the device, row c lists the indices of class c, padded with -1.
+    counts: (num_classes,) long on the CPU, images per class (host integers: no device reads when sampling).
     """
 
     def __init__(self, images: Tensor, labels: Tensor, num_classes: int):
         self.images = images
         device = images.device
         labels = labels.to(device=device, dtype=torch.long)
-        self.counts = torch.bincount(labels, minlength=num_classes)
+        counts = torch.bincount(labels, minlength=num_classes)
         order = torch.argsort(labels, stable=True)  # indices grouped by class, ascending within a class
-        starts = torch.cumsum(self.counts, 0) - self.counts
+        starts = torch.cumsum(counts, 0) - counts
         sorted_labels = labels[order]
         position = torch.arange(len(labels), device=device) - starts[sorted_labels]
+        self.counts = counts.cpu()
         self.index = torch.full((num_classes, int(self.counts.max())), -1, dtype=torch.long, device=device)
         self.index[sorted_labels, position] = order
 
-    def sample(self, n: int, classes=None) -> tuple[Tensor, Tensor]:
-        """For each class in `classes` (default all, in order), min(n, class size) distinct random images.
+    def sizes(self, n: int, classes=None) -> list[int]:
+        """Images that sample(n, classes) returns for each class: min(n, class size)."""
+        classes = range(len(self.counts)) if classes is None else classes
+        return [min(n, int(self.counts[c])) for c in classes]
 
-        Returns images (sum of those sizes, C, H, W) and their labels, concatenated in class order.
-        """
-        device = self.index.device
-        if classes is None:
-            classes = torch.arange(len(self.counts), device=device)
-        classes = torch.as_tensor(classes, dtype=torch.long, device=device).reshape(-1)
-        rows, counts = self.index[classes], self.counts[classes]
-        k = min(n, rows.shape[1])
+    def draw(self, n: int) -> Tensor:
+        """(num_classes, min(n, largest class)) indices into images: min(n, class size) distinct random images
+        of every class, then -1 padding. One call draws for every class, so processes that take different
+        classes from the same draw stay in step."""
+        k = min(n, self.index.shape[1])
         # Random keys give a fresh uniform permutation per row; padding gets the top key so it sorts last.
         top = 2 ** 62
-        keys = torch.randint(top, rows.shape, device=device)
-        keys.masked_fill_(rows < 0, top)
-        picked = rows.gather(1, keys.topk(k, dim=1, largest=False).indices)  # (len(classes), k)
-        keep = torch.arange(k, device=device) < counts[:, None]  # min(n, class size) per class
-        return self.images[picked[keep]], classes[:, None].expand(-1, k)[keep]
+        keys = torch.randint(top, self.index.shape, device=self.index.device).masked_fill_(self.index < 0, top)
+        return self.index.gather(1, keys.topk(k, dim=1, largest=False).indices)
+
+    def take(self, picked: Tensor, classes=None) -> tuple[Tensor, Tensor]:
+        """The images of `classes` (a list; default all, in order) in a draw, concatenated in class order,
+        and their labels."""
+        device, k = picked.device, picked.shape[1]
+        if classes is None:
+            classes, rows = list(range(len(self.counts))), torch.arange(len(self.counts), device=device)
+        else:
+            rows = to_device(torch.tensor([int(c) for c in classes]), device)
+        picked, labels = picked[rows], rows[:, None].expand(-1, k)
+        sizes = self.sizes(k, classes)
+        if min(sizes) == k:
+            return self.images[picked.flatten()], labels.flatten()
+        keep = torch.arange(k, device=device) < to_device(torch.tensor(sizes), device)[:, None]
+        return self.images[picked[keep]], labels[keep]
+
+    def sample(self, n: int, classes=None) -> tuple[Tensor, Tensor]:
+        """For each class in `classes` (a list; default all, in order), min(n, class size) distinct random
+        images. Returns images (sum of those sizes, C, H, W) and their labels, concatenated in class order."""
+        return self.take(self.draw(n), classes)
 
     def class_images(self, c: int, n: int) -> Tensor:
         """min(n, size of class c) distinct random images of class c (the original get_images(c, n))."""

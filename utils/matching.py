@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import UserError
-from utils.augment import diff_augment
+from networks import get_network
+from utils import UserError, finite
+from utils.augmentation import diff_augment, siamese_augment
 from utils.evaluate import run_epoch
 
 METRICS = ('ours', 'mse', 'cos')
@@ -75,7 +76,7 @@ def batch_norm_modules(net):
 
 
 @torch.no_grad()
-def freeze_batch_norm(net, sampler):
+def freeze_batch_norm(net, sampler, classes):
     """As the original before every matching step: if the net has batch norm, one train-mode forward of
     16 real images per class updates the running statistics (momentum update, not a reset), then every
     BN module is put in eval mode, so the matching forwards use those fixed statistics and each image
@@ -84,56 +85,49 @@ def freeze_batch_norm(net, sampler):
     if not bns:
         return
     net.train()
-    net(sampler.sample(BN_IMAGES_PER_CLASS)[0])
+    net(sampler.sample(BN_IMAGES_PER_CLASS, classes)[0])
     for m in bns:
         m.eval()
 
 
-def real_gradients(net, params, real, counts):
-    """Per class, the gradient of the mean cross-entropy on that class's real images, as constants.
-
-    real: (sum(counts), C, H, W), class-sorted with counts[c] images of class c. Returns a list (one
-    entry per class) of tuples of tensors shaped like params.
-    """
-    grads = []
-    for c, x in enumerate(real.split(counts)):
-        loss = F.cross_entropy(net(x), torch.full((len(x),), c, dtype=torch.long, device=x.device))
-        grads.append(torch.autograd.grad(loss, params))
-    return grads
+def class_loss(net, x, c):
+    """Mean cross-entropy of the images x, all of class c."""
+    return F.cross_entropy(net(x), torch.full((len(x),), c, dtype=torch.long, device=x.device))
 
 
 def matching_loss(net, synset, sampler, args, param):
-    """The summed matching distance over classes for the current net (BN frozen by the caller).
+    """The summed matching distance over the set's classes for the current net (BN frozen by the caller).
 
     One real batch for all classes (args.batch_real per class), one reconstruction of the synthetic set,
-    and, with DSA, one seed per step: every class gets its own transformation, the same for its real
-    and its synthetic images (Siamese), because both calls see all classes (the same groups).
+    and, with DSA, one seed per class: class c's real and synthetic images get the same transformation
+    (Siamese). The real gradients are constants.
     """
-    real, real_labels = sampler.sample(args.batch_real)
+    classes = synset.classes
+    real, sizes = sampler.sample(args.batch_real, classes)[0], sampler.sizes(args.batch_real, classes)
     syn = synset.images()
     if args.dsa:
-        seed = int(torch.randint(2**31 - 1, ()))
-        real = diff_augment(real, args.dsa_strategy, param, seed=seed, groups=real_labels)
-        syn = diff_augment(syn, args.dsa_strategy, param, seed=seed, groups=synset.labels)
+        seeds = torch.randint(2**31 - 1, (len(classes),)).tolist()
+        real = siamese_augment(real, args.dsa_strategy, param, seeds, sizes)
+        syn = siamese_augment(syn, args.dsa_strategy, param, seeds, [synset.n] * len(classes))
     params = list(net.parameters())
-    counts = torch.bincount(real_labels, minlength=synset.num_classes).tolist()
-    gw_reals = real_gradients(net, params, real, counts)
     loss = 0
-    for c, (x, gw_real) in enumerate(zip(syn.split(synset.n), gw_reals)):
-        loss_syn = F.cross_entropy(net(x), torch.full((len(x),), c, dtype=torch.long, device=x.device))
-        gw_syn = torch.autograd.grad(loss_syn, params, create_graph=True)
+    for c, x_real, x_syn in zip(classes, real.split(sizes), syn.split(synset.n)):
+        gw_real = torch.autograd.grad(class_loss(net, x_real, c), params)
+        gw_syn = torch.autograd.grad(class_loss(net, x_syn, c), params, create_graph=True)
         loss = loss + match_loss(gw_syn, gw_real, args.dis_metric)
     return loss
 
 
 def matching_step(net, synset, optimizer, sampler, args, param):
-    """One SGD step of the synthetic set on matching_loss; returns the loss (summed over classes).
-    The backward pass stops at the synthetic set: no gradient is computed for the network."""
+    """One SGD step of the synthetic set on matching_loss; returns the loss (summed over classes, a float;
+    a non-finite loss raises Diverged before the step). The backward pass stops at the synthetic set: no
+    gradient is computed for the network."""
     loss = matching_loss(net, synset, sampler, args, param)
     optimizer.zero_grad()
     loss.backward(inputs=list(synset.parameters()))
+    value = finite(loss)
     optimizer.step()
-    return loss.item()
+    return value
 
 
 def train_on_synset(net, optimizer, synset, args, param, epochs):
@@ -143,3 +137,21 @@ def train_on_synset(net, optimizer, synset, args, param, epochs):
     aug = (lambda x: diff_augment(x, args.dsa_strategy, param)) if args.dsa else None
     for _ in range(epochs):
         run_epoch(net, images, labels, args.batch_train, optimizer, aug)
+
+
+def dc_iteration(args, data, synset, optimizer, sampler, param, loops):
+    """One outer iteration of DC/DSA on a fresh network: outer_loop matching steps of the synthetic set,
+    with inner_loop epochs of training the network on it in between. Returns the mean matching loss per
+    class and step."""
+    outer_loop, inner_loop = loops
+    net = get_network(args.model, data.channel, data.num_classes, data.im_size, sampler.images.device)
+    net.train()
+    net_optimizer = torch.optim.SGD(net.parameters(), lr=args.lr_net)  # no momentum, as the original
+    total = 0.0
+    for ol in range(outer_loop):
+        freeze_batch_norm(net, sampler, synset.classes)
+        total += matching_step(net, synset, optimizer, sampler, args, param)
+        if ol == outer_loop - 1:  # the net is not trained after the last matching step
+            break
+        train_on_synset(net, net_optimizer, synset, args, param, inner_loop)
+    return total / (len(synset.classes) * outer_loop)

@@ -35,38 +35,53 @@ def images_per_class(ipc, rank, im_size):
 
 
 class SyntheticSet(nn.Module):
-    """`n` images per class with class-sorted hard labels; `rank=None` stores pixels, an int stores A·B."""
+    """`n` images per class with class-sorted hard labels; `rank=None` stores pixels, an int stores A·B.
 
-    def __init__(self, num_classes, ipc, channel, im_size, rank=None):
+    It holds the classes `classes` (default all num_classes; continual learning condenses a few at a time);
+    labels are the dataset's class ids.
+    """
+
+    def __init__(self, num_classes, ipc, channel, im_size, rank=None, classes=None):
         super().__init__()
         n = images_per_class(ipc, rank, im_size)
         h, w = im_size
         self.num_classes, self.ipc, self.n, self.rank = num_classes, ipc, n, rank
+        self.classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
         self.channel, self.im_size = channel, (h, w)
-        total = num_classes * n
+        total = len(self.classes) * n
         if rank is None:
             self.pixels = nn.Parameter(torch.randn(total, channel, h, w))
         else:
             self.a = nn.Parameter(torch.randn(total, channel, h, rank))
             self.b = nn.Parameter(torch.randn(total, channel, rank, w))
-        self.register_buffer('labels', torch.arange(num_classes).repeat_interleave(n))
+        self.register_buffer('labels', torch.tensor(self.classes).repeat_interleave(n))
 
     def images(self, classes=None):
-        """All images (N, C, H, W), or those of the given classes (a list), in class order."""
+        """All images (N, C, H, W), or those of the given classes (a list of class ids), in that order."""
         if classes is None:
             return self.pixels if self.rank is None else self.a @ self.b
-        device = self.labels.device
-        idx = (torch.tensor(classes, device=device)[:, None] * self.n + torch.arange(self.n, device=device)).flatten()
-        if self.rank is None:
-            return self.pixels[idx]
-        return self.a[idx] @ self.b[idx]
+        return torch.cat([self._images(rows) for rows in self.rows(classes)])
+
+    def _images(self, rows):
+        return self.pixels[rows] if self.rank is None else self.a[rows] @ self.b[rows]
+
+    def rows(self, classes):
+        """Slices of the rows of `classes`' images, one per run of classes stored next to each other."""
+        out = []
+        for c in classes:
+            start = self.classes.index(c) * self.n
+            if out and out[-1].stop == start:
+                out[-1] = slice(out[-1].start, start + self.n)
+            else:
+                out.append(slice(start, start + self.n))
+        return out
 
     def stored_floats(self):
         return sum(p.numel() for p in self.parameters())
 
     def budget_floats(self):
         """Floats that `ipc` full images per class take: what the low-rank set must not exceed."""
-        return self.num_classes * self.ipc * self.channel * self.im_size[0] * self.im_size[1]
+        return len(self.classes) * self.ipc * self.channel * self.im_size[0] * self.im_size[1]
 
     def describe(self):
         kind = 'pixels' if self.rank is None else f'low rank r={self.rank}'
@@ -75,7 +90,7 @@ class SyntheticSet(nn.Module):
 
     @torch.no_grad()
     def init_real(self, real):
-        """Start from real images (num_classes·n, C, H, W), class-sorted.
+        """Start from real images (len(classes)·n, C, H, W), class-sorted.
 
         Pixels copy them. Low rank takes the rank-r truncated SVD of each channel, X ≈ U_r S_r V_rᵀ, and
         splits the singular values evenly: A = U_r·sqrt(S_r), B = sqrt(S_r)·V_rᵀ, so A·B is the best
@@ -95,14 +110,16 @@ class SyntheticSet(nn.Module):
         return {name: p.detach().cpu() for name, p in self.named_parameters()}
 
 
-def make_synset(args, data, sampler):
-    """A fresh synthetic set for args (--ipc, --rank if any, --init) on the device of the real images."""
-    synset = SyntheticSet(data.num_classes, args.ipc, data.channel, data.im_size, getattr(args, 'rank', None))
+def make_synset(args, data, sampler, classes=None):
+    """A fresh synthetic set of `classes` (default all) for args (--ipc, --rank if any, --init) on the
+    device of the real images."""
+    synset = SyntheticSet(data.num_classes, args.ipc, data.channel, data.im_size, getattr(args, 'rank', None),
+                          classes)
     synset = synset.to(sampler.images.device)
     if args.init == 'real':
-        smallest = int(sampler.counts.min())
+        smallest = min(sampler.sizes(synset.n, synset.classes))
         if smallest < synset.n:
             raise UserError(f'--init real needs {synset.n} real images per class but one class has only '
                             f'{smallest}: use --init noise or a smaller --ipc/larger --rank.')
-        synset.init_real(sampler.sample(synset.n)[0])
+        synset.init_real(sampler.sample(synset.n, synset.classes)[0])
     return synset

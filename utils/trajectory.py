@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from utils import UserError
+from utils import Diverged, UserError
 
 MODES = ('unrolled', 'exact', 'tesla')
 
@@ -166,9 +166,10 @@ def backward_from(X, grad_X, syn_lr, grad_lr):
     torch.autograd.backward([X, syn_lr], [grad_X, grad_lr])
 
 
-def check_finite(loss, syn_lr, it):
-    """Raise UserError when the trajectory loss is NaN/inf or the learnable syn_lr is not positive."""
-    loss, lr = float(loss), float(syn_lr)
+def check_step(loss, grads, syn_lr):
+    """Diverged unless the loss (a float) and the gradients are finite and syn_lr is positive."""
+    lr = float(syn_lr.detach())
+    if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        loss = float('nan')  # non-finite gradients count as a non-finite loss
     if not (math.isfinite(loss) and lr > 0):
-        raise UserError(f"distillation diverged at iteration {it} (loss {loss}, syn_lr {lr}): "
-                        f"lower --lr_lr or --lr_img.")
+        raise Diverged(f'loss {loss}, syn_lr {lr}')

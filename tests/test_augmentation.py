@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from utils import UserError
-from utils.augment import (DSA_OPS, ParamDiffAug, check_strategy, dc_augment, default_dsa_strategy,
-                           diff_augment, get_daparam)
+from utils.augmentation import (DSA_OPS, ParamDiffAug, check_strategy, dc_augment, default_dsa_strategy,
+                           diff_augment, get_daparam, siamese_augment)
 
 FULL = 'color_crop_cutout_flip_scale_rotate'
 SIZES = [(1, 28, 28), (3, 32, 32), (3, 64, 64)]
@@ -30,69 +30,71 @@ def _real_and_syn():
 @pytest.mark.parametrize('mode', ['S', 'M'])
 def test_siamese_real_and_synthetic_match(strategy, mode):
     param = ParamDiffAug(aug_mode=mode)
-    real, real_labels, syn, syn_labels = _real_and_syn()
+    real, _, syn, _ = _real_and_syn()
     for seed in range(5):
-        out_real = diff_augment(real, strategy, param, seed=seed, groups=real_labels)
-        out_syn = diff_augment(syn, strategy, param, seed=seed, groups=syn_labels)
+        seeds = [seed, seed + 100]
+        out_real = siamese_augment(real, strategy, param, seeds, [5, 5])
+        out_syn = siamese_augment(syn, strategy, param, seeds, [1, 1])
         torch.testing.assert_close(out_syn, out_real[[0, 5]], atol=1e-6, rtol=0)
-        # without groups the whole batch is one group: a 5-image and a 1-image batch still agree
-        out_real = diff_augment(real[:5], strategy, param, seed=seed)
-        out_syn = diff_augment(syn[:1], strategy, param, seed=seed)
-        torch.testing.assert_close(out_syn, out_real[:1], atol=1e-6, rtol=0)
+        # a class's transformation depends only on its seed: alone, or beside an empty group, it is the same
+        alone = siamese_augment(syn[1:], strategy, param, seeds[1:], [1])
+        torch.testing.assert_close(alone, out_syn[1:], atol=1e-6, rtol=0)
+        gap = siamese_augment(syn, strategy, param, [seed, 7, seed + 100], [1, 0, 1])
+        torch.testing.assert_close(gap, out_syn, atol=1e-6, rtol=0)
         # within a group every image gets the same transform
-        same = diff_augment(real[[0, 0, 5, 5]], strategy, param, seed=seed, groups=torch.tensor([0, 0, 1, 1]))
+        same = siamese_augment(real[[0, 0, 5, 5]], strategy, param, seeds, [2, 2])
         torch.testing.assert_close(same[0], same[1], atol=0, rtol=0)
         torch.testing.assert_close(same[2], same[3], atol=0, rtol=0)
 
 
-def test_siamese_without_groups_transforms_whole_batch_alike():
+def test_siamese_group_transforms_whole_group_alike():
     param = ParamDiffAug(aug_mode='M')
     x = _batch(1).expand(6, -1, -1, -1)
-    out = diff_augment(x, FULL, param, seed=3)
+    out = siamese_augment(x, FULL, param, [3], [6])
     assert (out - out[:1]).abs().max() == 0
     assert not torch.equal(out[0], x[0])
 
 
-def test_siamese_groups_differ_and_match_per_class_semantics():
+def test_siamese_groups_differ():
     param = ParamDiffAug(aug_mode='M')
     x = _batch(1).expand(2, -1, -1, -1)
-    groups = torch.tensor([0, 1])
-    differ = [not torch.allclose(*diff_augment(x, FULL, param, seed=s, groups=groups)) for s in range(5)]
+    differ = [not torch.allclose(*siamese_augment(x, FULL, param, [s, s + 1], [1, 1])) for s in range(5)]
     assert any(differ)
     # 'S' mode: groups choose their ops independently; over many groups more than one op is used
-    param_s = ParamDiffAug()
     x = torch.ones(40, 1, 16, 16)
-    out = diff_augment(x, 'color_flip', param_s, seed=0, groups=torch.arange(40))
+    out = siamese_augment(x, 'color_flip', ParamDiffAug(), range(40), [1] * 40)
     changed = (out - x).abs().amax(dim=(1, 2, 3)) > 0  # flip leaves an all-ones image unchanged, color does not
     assert changed.any() and not changed.all()
-
-
-def test_siamese_draws_do_not_depend_on_batch_size_or_order():
-    param = ParamDiffAug()
-    real, real_labels, _, _ = _real_and_syn()
-    perm = torch.randperm(10, generator=torch.Generator().manual_seed(1))
-    out = diff_augment(real, FULL, param, seed=7, groups=real_labels)
-    out_perm = diff_augment(real[perm], FULL, param, seed=7, groups=real_labels[perm])
-    torch.testing.assert_close(out_perm, out[perm], atol=1e-6, rtol=0)
 
 
 def test_siamese_leaves_global_rng_alone():
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    diff_augment(_batch(4), FULL, ParamDiffAug(aug_mode='M'), seed=5, groups=torch.tensor([0, 1, 0, 1]))
+    siamese_augment(_batch(4), FULL, ParamDiffAug(aug_mode='M'), [5, 6], [2, 2])
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_groups_with_their_own_generators_equal_separate_calls():
+    # K networks trained together: group k draws from generator k exactly what a call on its samples alone draws
+    x = _batch(9)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    together = diff_augment(x, FULL, ParamDiffAug(), gens(), [3, 3, 3])
+    alone = torch.cat([diff_augment(part, FULL, ParamDiffAug(), g) for part, g in zip(x.split(3), gens())])
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- shapes and gradients
 
 @pytest.mark.parametrize('shape', SIZES)
 @pytest.mark.parametrize('strategy,mode', [(op, 'S') for op in DSA_OPS] + [(FULL, 'S'), (FULL, 'M')])
-@pytest.mark.parametrize('seed', [None, 0])
-def test_shape_and_gradient(shape, strategy, mode, seed):
+@pytest.mark.parametrize('siamese', [False, True])
+def test_shape_and_gradient(shape, strategy, mode, siamese):
     param = ParamDiffAug(aug_mode=mode)
     x = _batch(4, shape).requires_grad_()
-    groups = torch.tensor([0, 1, 1, 2]) if seed is not None else None
-    out = diff_augment(x, strategy, param, seed=seed, groups=groups)
+    if siamese:
+        out = siamese_augment(x, strategy, param, [0, 1, 2], [1, 2, 1])
+    else:
+        out = diff_augment(x, strategy, param)
     assert out.shape == x.shape
     weight = _batch(4, shape, seed=1)
     (out * weight).sum().backward()
@@ -104,7 +106,7 @@ def test_shape_and_gradient(shape, strategy, mode, seed):
 def test_identity_strategies(strategy):
     x = _batch(3)
     assert diff_augment(x, strategy, ParamDiffAug()) is x
-    assert diff_augment(x, strategy, ParamDiffAug(), seed=1) is x
+    assert siamese_augment(x, strategy, ParamDiffAug(), [1], [3]) is x
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -139,7 +141,7 @@ def test_contrast_keeps_the_image_mean():
 
 
 def test_saturation_keeps_the_channel_mean_image():
-    from utils.augment import _color
+    from utils.augmentation import _color
     x = _batch(2)
     s = torch.tensor([0.3, 1.7])
     p = {'brightness': torch.zeros(2), 'saturation': s, 'contrast': torch.ones(2)}
@@ -150,7 +152,7 @@ def test_saturation_keeps_the_channel_mean_image():
 
 
 def test_color_draw_ranges():
-    from utils.augment import _draw
+    from utils.augmentation import _draw
     d = _draw('color', 10000, 32, 32, ParamDiffAug(), torch.Generator().manual_seed(0))
     for name, lo, hi in (('brightness', -0.5, 0.5), ('saturation', 0.0, 2.0), ('contrast', 0.5, 1.5)):
         assert lo <= d[name].min() and d[name].max() <= hi
@@ -159,7 +161,7 @@ def test_color_draw_ranges():
 
 def test_crop_is_zero_filled_translation():
     x = torch.ones(64, 3, 32, 32)
-    out = diff_augment(x, 'crop', ParamDiffAug(), seed=None)
+    out = diff_augment(x, 'crop', ParamDiffAug())
     seen = set()
     for img in out:
         zero_rows = (img[0] == 0).all(dim=1)
@@ -175,7 +177,7 @@ def test_crop_is_zero_filled_translation():
 
 
 def test_crop_moves_content_by_the_shift():
-    from utils.augment import _crop
+    from utils.augmentation import _crop
     x = torch.arange(1, 2 * 2 * 6 * 5 + 1, dtype=torch.float).view(2, 2, 6, 5)
     out = _crop(x, {'tx': torch.tensor([2, -1]), 'ty': torch.tensor([-3, 1])}, ParamDiffAug())
     expected = torch.zeros_like(x)
@@ -210,7 +212,7 @@ def test_scale_and_rotate_identity_parameters_reproduce_input():
 
 
 def test_rotate_by_90_degrees_and_scale_by_half():
-    from utils.augment import _rotate, _scale
+    from utils.augmentation import _rotate, _scale
     x = _batch(2, (3, 9, 9))
     out = _rotate(x, {'theta': torch.full((2,), math.pi / 2)}, ParamDiffAug())
     # sampling grid: input (col, row) = theta @ output (col, row), so out[r, c] = x[c, W - 1 - r]
@@ -221,7 +223,7 @@ def test_rotate_by_90_degrees_and_scale_by_half():
 
 
 def test_scale_factors_in_range():
-    from utils.augment import _draw
+    from utils.augmentation import _draw
     d = _draw('scale', 10000, 32, 32, ParamDiffAug(), torch.Generator().manual_seed(0))
     for v in (d['sx'], d['sy']):
         assert v.min() >= 1 / 1.2 - 1e-6 and v.max() <= 1.2 + 1e-6
@@ -302,7 +304,7 @@ def test_dc_augment_crop_noise():
 
 
 def test_dc_crop_pads_with_channel_mean():
-    from utils.augment import _dc_crop
+    from utils.augmentation import _dc_crop
     x = _batch(50)
     mean = x.mean(dim=(0, 2, 3))
     out = _dc_crop(x, mean, 4)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import rotate as scipy_rotate
 
-from utils import UserError
+from utils import UserError, to_device
 
 DSA_OPS = ('color', 'crop', 'cutout', 'flip', 'scale', 'rotate')
 DC_OPS = ('crop', 'scale', 'rotate', 'noise')
@@ -42,11 +42,33 @@ def check_strategy(strategy: str) -> None:
                         f"{strategy!r}; use ops from {', '.join(DSA_OPS)} joined by '_', or 'none'.")
 
 
+FULL_STRATEGY = 'color_crop_cutout_flip_scale_rotate'
+
+
 def default_dsa_strategy(dataset: str) -> str:
-    """The authors' recommended strategy: no flip for digits (MNIST, SVHN)."""
+    """DC/DSA's recommended strategy: no flip for digits (MNIST, SVHN). DM and MTT (and the plugin's
+    LoDM, LoMTT) use FULL_STRATEGY on every dataset."""
     if dataset in ('MNIST', 'SVHN'):
         return 'color_crop_cutout_scale_rotate'
-    return 'color_crop_cutout_flip_scale_rotate'
+    return FULL_STRATEGY
+
+
+NO_DSA = ('', 'none', 'None')
+
+
+def dsa_choice(given, dsa, dataset, setting, other):
+    """The --dsa_strategy that `setting` (e.g. '--method DSA') implies: 'none' when it uses no DSA (dsa
+    False), else `given` or the recommended one for the dataset. A `given` that contradicts it is a
+    UserError that names `other`, the setting with the other choice."""
+    if not dsa:
+        if given not in (None, *NO_DSA):
+            raise UserError(f'{setting} uses no DSA but --dsa_strategy {given} was given: use {other} or drop '
+                            f'--dsa_strategy.')
+        return 'none'
+    if given in NO_DSA:
+        raise UserError(f"{setting} needs DSA operations but --dsa_strategy is '{given}': drop it for the "
+                        f'recommended strategy, or use {other}.')
+    return given or default_dsa_strategy(dataset)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,25 +177,21 @@ _DSA_FNS = {'color': _color, 'crop': _crop, 'cutout': _cutout, 'flip': _flip, 's
             'rotate': _rotate}
 
 
-def _per_sample(draws, index, x):
-    """Move a dict of (num,) draws to x's device (floats in x's dtype) and gather them per sample."""
-    out = {}
-    for name, v in draws.items():
-        v = v.to(device=x.device, dtype=x.dtype if v.is_floating_point() else v.dtype)
-        out[name] = v if index is None else v[index]
-    return out
-
-
-def diff_augment(x, strategy, param, seed=None, groups=None):
+def diff_augment(x, strategy, param, generator=None, sizes=None, siamese=False):
     """Differentiable augmentation of x (N, C, H, W); returns a new tensor of the same shape.
 
-    seed None: non-Siamese. In aug_mode 'S' one op is chosen for the whole call; every sample gets its own
-      parameters, drawn from the global torch RNG.
-    seed int: Siamese. All draws come from a CPU torch.Generator seeded with `seed` (the global RNG is left
-      alone). `groups` is None (one group) or a long tensor (N,) of group ids 0..G-1 with G = max + 1; each
-      group chooses its own op ('S') and parameters, shared by its samples. The draws depend only on
-      (seed, G, strategy, image size, param), not on N, so calls on a real and a synthetic batch with the
-      same seed and the same G (e.g. groups = class labels) transform each group identically.
+    The batch is cut into consecutive groups of `sizes` samples (a list of ints summing to N; default one
+    group). Group by group, in order, each group draws from `generator` (a CPU torch.Generator, a list of
+    one per group, or None for the global CPU RNG): in aug_mode 'S' the index of its one op, then that op's
+    parameters; in 'M' the parameters of every op, in strategy order. Parameters are drawn per sample, or
+    with siamese=True once per group and shared by its samples.
+
+    Siamese matching (DC, DSA, DM) augments the real and the synthetic images of every class with
+    `siamese_augment` and the same seed: a group's draws do not depend on its size, so class c gets the
+    same transformation in both batches. A single network's training uses one group (one op per call,
+    as the original); K networks trained together use one group and one generator per network.
+
+    All draws happen on the host and reach x's device in one copy, so a call costs no synchronisation.
     """
     if strategy in _IDENTITY:
         return x
@@ -182,38 +200,63 @@ def diff_augment(x, strategy, param, seed=None, groups=None):
         raise UserError(f"unknown DSA aug_mode {param.aug_mode!r}; use 'S' (one op per call) or 'M' (all ops).")
     ops = strategy.split('_')
     n, _, h, w = x.shape
-    if seed is None:
-        gen, num, index = None, n, None
-    else:
-        gen = torch.Generator().manual_seed(int(seed))
-        if groups is None:
-            num, index = 1, torch.zeros(n, dtype=torch.long, device=x.device)
-        else:
-            index = groups.to(device=x.device, dtype=torch.long)
-            num = int(index.max()) + 1 if n else 1
-    # Fixed draw order (the op choice, then every op's parameters) keeps Siamese calls in lockstep.
-    choice = torch.randint(len(ops), (1 if seed is None else num,), generator=gen) if param.aug_mode == 'S' else None
-    params = [_per_sample(_draw(op, num, h, w, param, gen), index, x) for op in ops]
-
-    if param.aug_mode == 'M':
-        for op, p in zip(ops, params):
+    sizes = [n] if sizes is None else list(sizes)
+    generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(sizes)
+    plan = _plan(ops, sizes, generators, siamese, h, w, param)
+    for op, (index, p) in _to_device(plan, x).items():
+        if index is None:  # the op applies to every sample ('M' mode, or every group chose it)
             x = _DSA_FNS[op](x, p, param)
-        return x.contiguous()
-    if choice.numel() == 1:
-        k = int(choice)
-        return _DSA_FNS[ops[k]](x, params[k], param).contiguous()
-    # Siamese with several groups: apply each op only to the samples whose group chose it.
-    sample_choice = choice.to(x.device)[index]
-    out = x
-    for k, op in enumerate(ops):
-        sel = (sample_choice == k).nonzero().squeeze(1)
-        if sel.numel() == n:
-            return _DSA_FNS[op](x, params[k], param).contiguous()
-        if sel.numel() == 0:
-            continue
-        p = {name: v.index_select(0, sel) for name, v in params[k].items()}
-        out = out.index_copy(0, sel, _DSA_FNS[op](x.index_select(0, sel), p, param))
-    return out.contiguous()
+        else:
+            x = x.index_copy(0, index, _DSA_FNS[op](x.index_select(0, index), p, param))
+    return x.contiguous()
+
+
+def siamese_augment(x, strategy, param, seeds, sizes):
+    """diff_augment with one transformation per group (class): group g draws from a generator seeded with
+    seeds[g], so its transformation depends only on its seed (not on the other groups or on its size)."""
+    return diff_augment(x, strategy, param, [torch.Generator().manual_seed(int(s)) for s in seeds], sizes,
+                        siamese=True)
+
+
+def _plan(ops, sizes, generators, siamese, h, w, param):
+    """Host-side draws: {op: (sample indices (long), {name: one value per sample})} for the ops in use."""
+    per_op = {op: ([], {}) for op in ops}
+    start = 0
+    for size, gen in zip(sizes, generators):
+        chosen = ops if param.aug_mode == 'M' else [ops[int(torch.randint(len(ops), (), generator=gen))]]
+        for op in chosen:
+            index, values = per_op[op]
+            index.append(torch.arange(start, start + size))
+            for name, v in _draw(op, 1 if siamese else size, h, w, param, gen).items():
+                values.setdefault(name, []).append(v.expand(size) if siamese else v)
+        start += size
+    plan = {}
+    for op, (index, values) in per_op.items():
+        if index:
+            index = torch.cat(index)
+            plan[op] = (None if len(index) == start else index, {k: torch.cat(v) for k, v in values.items()})
+    return plan
+
+
+def _to_device(plan, x):
+    """The plan's tensors on x's device (floats in x's dtype) through one copy of one packed tensor."""
+    parts, dtypes = [], []
+    for index, values in plan.values():
+        for t in ([] if index is None else [index]) + list(values.values()):
+            parts.append(t.double())
+            dtypes.append(t.dtype)
+    packed = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    packed = to_device(packed, x.device).split([len(t) for t in parts])
+    out, k = {}, 0
+    for op, (index, values) in plan.items():
+        if index is not None:
+            index, k = packed[k].long(), k + 1
+        p = {}
+        for name in values:
+            dtype = x.dtype if dtypes[k].is_floating_point else dtypes[k]
+            p[name], k = packed[k].to(dtype), k + 1
+        out[op] = (index, p)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,23 +273,23 @@ def get_daparam(dataset: str, model_eval: str) -> dict:
     return param
 
 
-def _dc_crop(images, mean, crop):
+def _dc_crop(images, mean, crop, generator=None):
     """Pad by `crop` with the channel means, then take a window at random offsets 0..2*crop-1 per image."""
     n, c, h, w = images.shape
     padded = mean.view(1, c, 1, 1).expand(n, c, h + 2 * crop, w + 2 * crop).clone()
     padded[:, :, crop:crop + h, crop:crop + w] = images
-    top = torch.randint(0, 2 * crop, (n,)).to(images.device)
-    left = torch.randint(0, 2 * crop, (n,)).to(images.device)
+    top = torch.randint(0, 2 * crop, (n,), generator=generator).to(images.device)
+    left = torch.randint(0, 2 * crop, (n,), generator=generator).to(images.device)
     rows = top[:, None] + torch.arange(h, device=images.device)
     cols = left[:, None] + torch.arange(w, device=images.device)
     out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * crop))
     return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
-def _dc_scale(image, scale):
+def _dc_scale(image, scale, generator=None):
     """Resize (nearest) to random h, w in [1 - scale, 1 + scale] * H, then zero-pad / centre-crop back."""
     c, h0, w0 = image.shape
-    h, w = (int(float(torch.empty(()).uniform_(1 - scale, 1 + scale)) * h0) for _ in range(2))
+    h, w = (int(float(torch.empty(()).uniform_(1 - scale, 1 + scale, generator=generator)) * h0) for _ in range(2))
     tmp = F.interpolate(image[None], [h, w])[0]
     side = max(h, w, h0, w0)
     canvas = image.new_zeros(c, side, side)
@@ -256,20 +299,20 @@ def _dc_scale(image, scale):
     return canvas[:, r:r + h0, q:q + w0]
 
 
-def _dc_rotate(image, rotate, cval):
+def _dc_rotate(image, rotate, cval, generator=None):
     """scipy rotation by a random integer angle in [-rotate, rotate - 1], reshape, then centre crop."""
     _, h0, w0 = image.shape
-    angle = int(torch.randint(-rotate, rotate, ()))
+    angle = int(torch.randint(-rotate, rotate, (), generator=generator))
     im = scipy_rotate(image.detach().cpu().numpy(), angle=angle, axes=(-2, -1), cval=cval)
     r, q = (im.shape[-2] - h0) // 2, (im.shape[-1] - w0) // 2
     return torch.as_tensor(im[:, r:r + h0, q:q + w0].copy(), dtype=image.dtype, device=image.device)
 
 
-def dc_augment(images, param):
+def dc_augment(images, param, generator=None):
     """Classic DC augmentation of images (N, C, H, W); returns a new tensor (the input is not modified).
 
     Per image one op is chosen uniformly from param['strategy'] ('none' returns the input itself). All random
-    choices use the global torch RNG.
+    choices come from `generator` (a CPU torch.Generator; None: the global torch RNG), in the same order.
     """
     strategy = param['strategy']
     if strategy in _IDENTITY:
@@ -280,7 +323,7 @@ def dc_augment(images, param):
         raise UserError(f"unknown DC augmentation {unknown[0]!r}; use ops from {', '.join(DC_OPS)} joined by '_'.")
     images = images.detach()
     mean = images.mean(dim=(0, 2, 3))  # per-channel batch mean, before any change
-    choice = torch.randint(len(ops), (images.shape[0],))
+    choice = torch.randint(len(ops), (images.shape[0],), generator=generator)
     out = images.clone()
     for k, op in enumerate(ops):
         sel = (choice == k).nonzero().squeeze(1)
@@ -288,12 +331,12 @@ def dc_augment(images, param):
             continue
         sub = images[sel.to(images.device)]
         if op == 'crop':
-            out[sel] = _dc_crop(sub, mean, param['crop'])
+            out[sel] = _dc_crop(sub, mean, param['crop'], generator)
         elif op == 'noise':
-            out[sel] = sub + param['noise'] * torch.randn(sub.shape).to(sub)
+            out[sel] = sub + param['noise'] * torch.randn(sub.shape, generator=generator).to(sub)
         elif op == 'scale':
-            out[sel] = torch.stack([_dc_scale(im, param['scale']) for im in sub])
+            out[sel] = torch.stack([_dc_scale(im, param['scale'], generator) for im in sub])
         else:
             cval = float(mean.mean())
-            out[sel] = torch.stack([_dc_rotate(im, param['rotate'], cval) for im in sub])
+            out[sel] = torch.stack([_dc_rotate(im, param['rotate'], cval, generator) for im in sub])
     return out
