@@ -9,8 +9,11 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = {'DM': 'main_DM.py', 'LoDM': 'main_LoDM.py', 'DC': 'main_DC.py', 'DSA': 'main_DC.py',
-           'LoDC': 'main_LoDC.py', 'LoDSA': 'main_LoDC.py', 'MTT': 'main_MTT.py', 'LoMTT': 'main_LoMTT.py'}
+SCRIPTS = {'Random': 'main_coreset.py', 'Herding': 'main_coreset.py', 'KCenter': 'main_coreset.py',
+           'Forgetting': 'main_coreset.py',
+           'DM': 'main_DM.py', 'LoDM': 'main_LoDM.py', 'DC': 'main_DC.py', 'DSA': 'main_DC.py',
+           'LoDC': 'main_LoDC.py', 'LoDSA': 'main_LoDC.py', 'MTT': 'main_MTT.py', 'LoMTT': 'main_LoMTT.py',
+           'Whole': 'main_coreset.py'}
 ORDER = list(SCRIPTS)
 
 

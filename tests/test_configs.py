@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import main_coreset
 import main_DC
 import main_DM
 import main_MTT
@@ -16,6 +17,10 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / 'configs').glob('*/*.jso
 def get_args(path):
     method = path.stem.split('_')[0]
     argv, low_rank = ['--config', str(path)], method.startswith('Lo')
+    if method in main_coreset.METHODS.values():
+        args = main_coreset.get_args(argv)
+        assert main_coreset.METHODS[args.method] == method
+        return args
     if method in ('DM', 'LoDM'):
         return main_DM.get_args(argv, low_rank)
     if method in ('MTT', 'LoMTT'):
