@@ -1,119 +1,73 @@
-"""Seconds per DM / LoDM iteration and per evaluation-network epoch, MNIST- and CIFAR-shaped, on this device.
+"""Seconds per DM / LoDM iteration (ConvNet, 10 classes, batch_real 256, DSA on), MNIST- and CIFAR-shaped,
+ours against the original's per-class loop (benchmarks/original.py), in one process, alternating.
 
-    python benchmarks/bench_dm.py [--device cuda] [--repeats 5]
+    python benchmarks/bench_dm.py [--device cuda] [--repeats 5] [--ipcs 1 10]
 
-Random data of the real shapes (the timing does not depend on the pixel values). 'per-class loop' is the
-original's way (one forward pass per class); 'batched' is ours (one pass for all classes).
+Random data of the real shapes (the timing does not depend on the pixel values). Also printed: the
+forward pass of the iteration's 2560 real images alone (in passes of 256, ours), the floor the
+convolutions cannot beat (the iteration's FLOPs at the measured matrix-multiply rate).
 """
 import argparse
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import main_DM  # noqa: E402
-from networks import get_network  # noqa: E402
-from utils.augment import ParamDiffAug, diff_augment  # noqa: E402
-from utils.data import ClassSampler, Data  # noqa: E402
-from utils.evaluate import run_epoch  # noqa: E402
-from utils.run import keep_freed_memory, make_parser, parse_args  # noqa: E402
-from utils.synset import SyntheticSet  # noqa: E402
+import common
+import original
+from networks import get_network
+from utils.augmentation import FULL_STRATEGY, ParamDiffAug
+from utils.data import ClassSampler
+from utils.distribution import REAL_CHUNK, class_blocks, dm_iteration, embed, frozen_network
+from utils.synset import SyntheticSet
 
 SHAPES = {'MNIST': (1, (28, 28)), 'CIFAR10': (3, (32, 32))}
+PER_CLASS = 600
 
 
-def fake_data(name, device, per_class=600):
-    channel, im_size = SHAPES[name]
-    images = torch.randn(10 * per_class, channel, *im_size, device=device)
-    labels = torch.arange(10, device=device).repeat_interleave(per_class)
-    return Data(name, channel, im_size, 10, [str(c) for c in range(10)], [0.0] * channel, [1.0] * channel,
-                images, labels, images[:1000], labels[:1000])
+def setup(shape, ipc, rank, device):
+    channel, im_size = SHAPES[shape]
+    data = argparse.Namespace(channel=channel, im_size=im_size, num_classes=10)
+    labels = torch.arange(10, device=device).repeat_interleave(PER_CLASS)
+    sampler = ClassSampler(torch.randn(len(labels), channel, *im_size, device=device), labels, 10)
+    args = argparse.Namespace(model='ConvNet', batch_real=256, dsa=True, dsa_strategy=FULL_STRATEGY,
+                              compile=False)
+    return data, sampler, args, SyntheticSet(10, ipc, channel, im_size, rank).to(device)
 
 
-def parser(low_rank):
-    p = make_parser('', main_DM.DEFAULTS, low_rank)
-    p.add_argument('--compile', action='store_true')
-    return p
+def paths(shape, ipc, rank, device):
+    """(ours, the original's, the real forward pass alone) as callables."""
+    data, sampler, args, synset = setup(shape, ipc, rank, device)
+    optimizer = torch.optim.SGD(synset.parameters(), lr=1.0, momentum=0.5)
+    blocks, param = class_blocks(args, synset.classes, device), ParamDiffAug()
+    indices = [row[row >= 0].tolist() for row in sampler.index]  # the original's indices_class
 
+    def ours():
+        dm_iteration(args, data, synset, optimizer, sampler, param, blocks)
 
-def per_class_loss(net, synset, sampler, args, param):
-    """The original's DM loss: a Python loop over classes, one seed and two forward passes per class."""
-    loss = 0
-    for c in range(synset.num_classes):
-        real = sampler.class_images(c, args.batch_real)
-        syn = synset.images(classes=[c])
-        seed = int(torch.randint(2**31 - 1, ()))
-        real = diff_augment(real, args.dsa_strategy, param, seed=seed)
-        syn = diff_augment(syn, args.dsa_strategy, param, seed=seed)
+    def theirs():  # the original's network: NCHW, built on the CPU and moved
+        net = get_network('ConvNet', data.channel, 10, data.im_size).to(device).train().requires_grad_(False)
+        original.dm_step(net, synset.images, optimizer, sampler.images, indices, synset.n, 256, FULL_STRATEGY)
+
+    def forward():
         with torch.no_grad():
-            f_real = net.embed(real)
-        loss = loss + ((f_real.mean(0) - net.embed(syn).mean(0)) ** 2).sum()
-    return loss
+            embed(frozen_network('ConvNet', data, device), sampler.sample(256)[0], REAL_CHUNK[device.type])
+
+    return ours, theirs, forward
 
 
-def seconds(fn, repeats):
-    fn()  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
-
-
-def dm_iteration(data, sampler, args, loss_fn):
-    synset = SyntheticSet(10, args.ipc, data.channel, data.im_size, getattr(args, 'rank', None)).to(args.device)
-    optimizer = torch.optim.SGD(synset.parameters(), lr=args.lr_img, momentum=0.5)
-    param = ParamDiffAug()
-
-    def step():
-        net = main_DM.frozen_network(args, data, args.device)
-        loss = loss_fn(net, synset, sampler, args, param)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return step
-
-
-def eval_epoch(data, args, n):
-    net = get_network('ConvNet', data.channel, 10, data.im_size).to(args.device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x, y = data.images_train[:10 * n], data.labels_train[:10 * n]
-    aug = lambda b: diff_augment(b, args.dsa_strategy, ParamDiffAug())  # noqa: E731
-    return lambda: run_epoch(net, x, y, 256, optimizer, aug)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument('--device', default='auto')
-    p.add_argument('--repeats', type=int, default=5)
-    opts = p.parse_args()
-    keep_freed_memory()  # as the scripts do
-    torch.manual_seed(0)
-    rows = []
-    for name in SHAPES:
-        for low_rank in (False, True):
-            args = parse_args(parser(low_rank), ['--dataset', name, '--ipc', '1', '--device', opts.device])
-            data = fake_data(name, args.device)
-            sampler = ClassSampler(data.images_train, data.labels_train, 10)
-            method = 'LoDM r=2' if low_rank else 'DM'
-            for label, loss_fn in (('per-class loop', per_class_loss), ('batched', main_DM.dm_loss)):
-                t = seconds(dm_iteration(data, sampler, args, loss_fn), opts.repeats)
-                rows.append((name, f'{method} ipc 1, {label}', t))
-        args = parse_args(parser(False), ['--dataset', name, '--device', opts.device])
-        data = fake_data(name, args.device)
-        for n in (1, 10, 50):
-            rows.append((name, f'eval epoch, ConvNet, {n} img/cls', seconds(eval_epoch(data, args, n), opts.repeats)))
-    device = torch.cuda.get_device_name() if args.device.startswith('cuda') else f'CPU ({torch.get_num_threads()} threads)'
-    print(f'\n{device}, torch {torch.__version__}, batch_real 256, DSA on\n')
-    print(f'| data | what | seconds |\n|---|---|---|')
-    for name, what, t in rows:
-        print(f'| {name} | {what} | {t:.3f} |')
+def rows(device, repeats, ipcs=(1, 10)):
+    rate = common.matmul_rate(device)
+    out = []
+    for shape in SHAPES:
+        for rank in (None, 2):
+            for ipc in ipcs:
+                ours, theirs, forward = paths(shape, ipc, rank, device)
+                t = common.alternate({'ours': ours, 'original': theirs, 'forward': forward}, repeats, device)
+                floor = common.flops(ours) / rate
+                name = f'{"LoDM r=2" if rank else "DM"} iteration, {shape}, ipc {ipc}'
+                out.append(common.row(name, t['ours'], t['original'], floor,
+                                      f'forward of the 2560 real images alone: {t["forward"][0]:.3f} s'))
+    return out
 
 
 if __name__ == '__main__':
-    main()
+    common.main(__doc__, rows, repeats=5, ipcs=True)

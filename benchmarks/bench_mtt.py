@@ -13,6 +13,9 @@ costs seconds on the CPU) and is not timed.
     python benchmarks/bench_mtt.py                      # everything: 2 methods x 3 modes x syn_steps 10 20 40
     python benchmarks/bench_mtt.py --quick              # syn_steps 10 and 20, one timed iteration
     python benchmarks/bench_mtt.py --methods MTT --modes unrolled exact --steps 40 --device cuda
+
+rows() (benchmarks/run_all.py) times an MTT and a LoMTT iteration (syn_steps 20, 'unrolled' and 'exact')
+against the original's unroll (benchmarks/original.py), in one process, alternating.
 """
 import argparse
 import json
@@ -26,11 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: E402
+import original  # noqa: E402
 from main_MTT import LearnedRate, student_batches  # noqa: E402
 from networks import get_network  # noqa: E402
-from utils.augment import ParamDiffAug, default_dsa_strategy, diff_augment  # noqa: E402
+from utils.augmentation import FULL_STRATEGY, ParamDiffAug, diff_augment  # noqa: E402
 from utils.synset import SyntheticSet  # noqa: E402
-from utils.trajectory import MODES, backward_from, flatten_params, trajectory_loss_and_grads  # noqa: E402
+from utils.trajectory import (MODES, FlatModel, backward_from, flatten_params,  # noqa: E402
+                              trajectory_loss_and_grads)
 
 
 def rss_mb():
@@ -55,7 +61,7 @@ def one(method, mode, steps, args):
     rate = LearnedRate(0.01).to(device)
     opt_img = torch.optim.SGD(synset.parameters(), lr=1000, momentum=0.5)
     opt_lr = torch.optim.SGD(rate.parameters(), lr=1e-5, momentum=0.5)
-    param, strategy = ParamDiffAug(), default_dsa_strategy('CIFAR10')
+    param, strategy = ParamDiffAug(), FULL_STRATEGY
     augment = lambda x: diff_augment(x, strategy, param)
     n = len(synset.labels)
     batch_syn = args.batch_syn or n
@@ -89,6 +95,47 @@ def one(method, mode, steps, args):
     return {'method': method, 'mode': mode, 'syn_steps': steps, 'images': n, 'batch_syn': batch_syn,
             'device': str(device), 'sec_per_it': (time.perf_counter() - start) / args.iters,
             'cpu_sec_per_it': (cpu_seconds() - cpu_start) / args.iters, 'peak_mb': peak}
+
+
+def rows(device, repeats, steps=20):
+    """MTT / LoMTT iterations (CIFAR shapes, ConvNet, ipc 1, the whole set per step): ours ('unrolled' and
+    'exact') against the original's unroll."""
+    rate = common.matmul_rate(device)
+    out = []
+    for method in ('MTT', 'LoMTT'):
+        torch.manual_seed(0)
+        synset = SyntheticSet(10, 1, 3, (32, 32), rank=2 if method == 'LoMTT' else None).to(device)
+        student = get_network('ConvNet', 3, 10, (32, 32), device).train()
+        theta_start = flatten_params(student)
+        theta_target = theta_start + 0.01 * torch.randn_like(theta_start)
+        lr = LearnedRate(0.01).to(device)
+        optimizers = [torch.optim.SGD(synset.parameters(), lr=1000, momentum=0.5),
+                      torch.optim.SGD(lr.parameters(), lr=1e-5, momentum=0.5)]
+        param, n = ParamDiffAug(), len(synset.labels)
+        flat = FlatModel(student)
+
+        def ours(mode):
+            batches = student_batches(n, n, steps, device)
+            X = synset.images()
+            _, grad_x, grad_lr = trajectory_loss_and_grads(student, X, synset.labels, lr.lr, theta_start,
+                                                           theta_target, batches,
+                                                           lambda x: diff_augment(x, FULL_STRATEGY, param), mode)
+            for opt in optimizers:
+                opt.zero_grad()
+            backward_from(X, grad_x, lr.lr, grad_lr)
+            for opt in optimizers:
+                opt.step()
+
+        def theirs():
+            original.mtt_iteration(flat, synset.images(), synset.labels, lr.lr, theta_start, theta_target,
+                                   student_batches(n, n, steps, device), FULL_STRATEGY, optimizers)
+
+        t = common.alternate({'unrolled': lambda: ours('unrolled'), 'exact': lambda: ours('exact'),
+                              'original': theirs}, repeats, device)
+        for mode in ('unrolled', 'exact'):
+            out.append(common.row(f'{method} iteration ({mode}), CIFAR10, ipc 1, syn_steps {steps}', t[mode],
+                                  t['original'], common.flops(lambda: ours(mode)) / rate))
+    return out
 
 
 def main():
