@@ -5,7 +5,7 @@ import textwrap
 from conftest import REPO, run_script
 
 # Imports and calls as the reference describes them (VICO utils.py): load a dataset, build a network,
-# DiffAugment a batch (Siamese and not), match gradients, classic augmentation, evaluate_synset a small set.
+# (in the DC form and MTT's), DiffAugment a batch (Siamese and not), match gradients, classic augmentation, evaluate_synset a small set.
 ORIGINAL_STYLE = '''
 import argparse, sys
 import torch
@@ -16,6 +16,9 @@ from utils import (get_dataset, get_network, get_eval_pool, evaluate_synset, get
 channel, im_size, num_classes, class_names, mean, std, dst_train, dst_test, testloader = get_dataset('MNIST', sys.argv[1])
 assert (channel, tuple(im_size), num_classes, len(dst_train), len(dst_test)) == (1, (28, 28), 10, 60000, 10000)
 assert testloader.batch_size == 256 and get_eval_pool('S', 'ConvNetBN', 'ConvNetBN') == ['ConvNet']
+mtt_args = argparse.Namespace(zca=False)  # MTT's form: 12 values, test batch 128
+*nine, loader_train_dict, class_map, class_map_inv = get_dataset('MNIST', sys.argv[1], 256, 'imagenette', args=mtt_args)
+assert len(nine) == 9 and nine[8].batch_size == 128 and loader_train_dict is None and class_map[7] == class_map_inv[7] == 7
 assert get_eval_pool('odd', 'ConvNet', 'LeNet') == ['LeNet'] and get_loops(10) == (10, 50)
 args = argparse.Namespace(dsa=True, dsa_strategy='color_crop_cutout_flip_scale_rotate', dsa_param=ParamDiffAug(),
                           lr_net=0.01, epoch_eval_train=3, batch_train=256, device='cpu', dis_metric='ours',

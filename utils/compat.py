@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 import networks
 from utils import ORIGINAL_API
 from utils.augmentation import ParamDiffAug, dc_augment, diff_augment, get_daparam as _get_daparam, siamese_augment
-from utils.data import load_dataset
+from utils.data import load_dataset, zca_whiten
 from utils.evaluate import EVAL_POOLS, evaluate_synset as _evaluate_synset, get_eval_pool as _get_eval_pool, run_epoch
 from utils.matching import get_loops, match_loss as _match_loss
 
@@ -41,15 +41,26 @@ class TensorDataset(Dataset):
         return self.images.shape[0]
 
 
-def get_dataset(dataset, data_path):
-    """(channel, im_size, num_classes, class_names, mean, std, dst_train, dst_test, testloader), the
-    original's 9 values: normalized TensorDatasets and a test loader of batch 256."""
+def get_dataset(dataset, data_path, batch_size=None, subset=None, args=None):
+    """The DC form get_dataset(dataset, data_path) returns the original's 9 values (channel, im_size,
+    num_classes, class_names, mean, std, dst_train, dst_test, testloader): normalized TensorDatasets and a
+    test loader of batch 256. The MTT form get_dataset(dataset, data_path, batch_size, subset, args=args)
+    returns MTT's 12: the 9 (test batch 128; ZCA-whitened when args.zca, the fitted inverse in
+    args.zca_trans as a function) plus loader_train_dict (None), class_map and class_map_inv (identities).
+    ImageNet subsets are not supported (`subset` is ignored)."""
     data = load_dataset(dataset, data_path)
+    mtt = batch_size is not None or args is not None
+    if mtt and getattr(args, 'zca', False):
+        args.zca_trans = zca_whiten(data, _device())
     dst_train = TensorDataset(data.images_train, data.labels_train)
     dst_test = TensorDataset(data.images_test, data.labels_test)
-    testloader = DataLoader(dst_test, batch_size=256, shuffle=False, num_workers=0)
-    return (data.channel, data.im_size, data.num_classes, data.class_names, data.mean, data.std, dst_train,
-            dst_test, testloader)
+    testloader = DataLoader(dst_test, batch_size=128 if mtt else 256, shuffle=False, num_workers=0)
+    values = (data.channel, data.im_size, data.num_classes, data.class_names, data.mean, data.std, dst_train,
+              dst_test, testloader)
+    if not mtt:
+        return values
+    identity = {c: c for c in range(data.num_classes)}
+    return (*values, None, identity, dict(identity))
 
 
 def get_network(model, channel, num_classes, im_size=(32, 32)):
