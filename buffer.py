@@ -44,7 +44,7 @@ from utils.run import (add_original_mtt_flags, apply_original_mtt_flags, check_r
 
 # Settings a continued run must share with the existing experts (the others do not change an expert).
 SETTINGS = ('dataset', 'model', 'lr_teacher', 'batch_train', 'dsa_strategy', 'train_epochs', 'zca', 'decay',
-            'mom', 'l2', 'seed')
+            'mom', 'l2', 'seed', 'save_interval')
 FILE = re.compile(r'replay_buffer_(\d+)\.pt')
 # Experts trained at once per device type (--train_together overrides it). On the 2-core CPU batches of 256
 # already fill the cores: CPU time per expert step (ConvNet, MNIST, median of 5, one process) 1.19-1.26 s

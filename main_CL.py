@@ -22,7 +22,6 @@ labels] per step]}, global labels; low rank adds the factors), results.json, tab
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -35,14 +34,14 @@ from tqdm import tqdm
 
 import main_DC
 import main_DM
-from utils import Diverged, UserError, seed_for
+from utils import Diverged, UserError, distributed, seed_for
 from utils.augmentation import FULL_STRATEGY, ParamDiffAug
 from utils.coreset import RECIPE, cache_file, extractor_settings, get_extractor, select_herding
 from utils.distribution import class_blocks, dm_iteration
 from utils.evaluate import evaluate_networks, network_blocks
 from utils.matching import dc_iteration, get_loops
-from utils.run import (RunFolder, add_set_args, base_parser, load_data, parse_args, run_main, save_json,
-                       save_torch)
+from utils.run import (RunFolder, add_set_args, base_parser, load_data, mean_std, parse_args, run_main,
+                       save_json, save_text, save_torch)
 from utils.synset import images_per_class, make_synset
 
 # How each method builds a step's memory: the main scripts' defaults (their originals'), with the
@@ -216,8 +215,7 @@ def summarize(accs, steps, per_step_classes):
     for t in range(steps):
         pooled = [a for order_accs in accs.values() if t < len(order_accs) for a in order_accs[t]]
         if pooled:
-            mean = sum(pooled) / len(pooled)
-            std = math.sqrt(sum((a - mean) ** 2 for a in pooled) / len(pooled))
+            mean, std = mean_std(pooled)
             rows.append({'step': t, 'seen_classes': per_step_classes * (t + 1), 'mean': mean, 'std': std,
                          'networks': len(pooled)})
     per_order = {s: [sum(a) / len(a) for a in order_accs] for s, order_accs in accs.items()}
@@ -230,7 +228,7 @@ def write_table(folder, rows, title):
              '| test acc % | ' + ' | '.join(f'{100 * r["mean"]:.2f} ± {100 * r["std"]:.2f}' for r in rows) + ' |',
              '', 'LaTeX row (as the original printed it):', '',
              ' & '.join(f'{100 * r["mean"]:.2f}$\\pm${100 * r["std"]:.2f}' for r in rows)]
-    (folder / 'table.md').write_text('\n'.join(lines) + '\n')
+    save_text(folder / 'table.md', '\n'.join(lines) + '\n')
 
 
 def plot(runs, out):
@@ -270,6 +268,9 @@ def main(argv=None):
         plot(argv[1:i], argv[i + 1])
         return
     args = get_args(argv)
+    if distributed.launched():
+        raise UserError('main_CL.py runs in one process: start it with python, not torchrun (reproduce.py and '
+                        'the condensation scripts split work over processes).')
     data, sampler = load_data(args)
     if data.num_classes % args.steps:
         raise UserError(f'--steps {args.steps} does not divide the {data.num_classes} classes of {args.dataset}: '
@@ -281,6 +282,7 @@ def main(argv=None):
     tag = f'CL_{args.method}_ipc{args.ipc}' + (f'_r{args.rank}' if args.rank else '') + f'_{args.steps}steps'
     run = RunFolder(args, tag)
     done = run.ckpt['accs'] if run.ckpt else {}
+    save_torch(run.ckpt_path, {'accs': done})  # resumable from the start: memories are saved as they are made
     per_step = data.num_classes // args.steps
     summary = {'method': args.method, 'dataset': args.dataset, 'model': args.model, 'ipc': args.ipc,
                'rank': args.rank, 'images_per_class': n, 'steps': args.steps,

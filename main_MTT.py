@@ -109,8 +109,8 @@ class Experts:
     --load_all: every file in memory, a random trajectory each time. Otherwise one file at a time: files
     in a random order, the experts of a file in a random order, a new file when one runs out, a new file
     order after a pass. The order comes from the torch RNG and the position is in state_dict, so a resumed
-    run continues exactly. --max_files / --max_experts keep the first files of that order / the first experts
-    of each file.
+    run continues exactly. --max_files / --max_experts keep the first files of that order (with --load_all:
+    of the files sorted by number) / the first experts of each file.
     """
 
     def __init__(self, args, num_params):
@@ -250,10 +250,10 @@ def main(argv=None, low_rank=False):
                 check_step(loss, (), rate.lr)  # the step may have made syn_lr non-positive
             if it % 10 == 0:
                 run.log(f'iter {it:6d}  loss {loss:.4f}  syn_lr {rate.lr.item():.6f}')
-        if unwhiten is not None:  # the saved images are whitened (for evaluation); these are for viewing
-            save_torch(run.file('unwhitened', synset.n),
-                       {'data': [[unwhiten(s['images'].to(device)).cpu(), s['labels']] for s in run.saved]})
     run.finish()
+    if unwhiten is not None and run.rank == 0:  # res_*.pt holds whitened images (for evaluation); these show pixels
+        save_torch(run.file('unwhitened', synset.n),
+                   {'data': [[unwhiten(s['images'].to(device)).cpu(), s['labels']] for s in run.saved]})
 
 
 if __name__ == '__main__':

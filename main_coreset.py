@@ -17,9 +17,8 @@ the training set (RECIPE in utils/coreset.py, --extractor_epochs, --extractor_mo
 with seed --seed + experiment, so their experiments differ by the extractor's seed. Extractors and their
 forgetting counts are cached in <save_path>/<dataset>/extractors/ and reused by any run with the same
 settings (--extractor FILE names one; it must have been made with the run's settings). The run folder also
-holds indices.json: the chosen training images of every experiment (indices into the training set).
+holds indices_exp<e>.json: the chosen training images of experiment e (indices into the training set).
 """
-import json
 import os
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from utils.augmentation import dsa_choice
 from utils.coreset import (RECIPE, cache_file, class_members, extractor_settings, get_extractor,
                            select_forgetting, select_herding, select_kcenter, select_random)
 from utils.evaluate import EVAL_MODES
-from utils.run import Run, base_parser, load_data, parse_args, run_main
+from utils.memory import check_memory
+from utils.run import Run, base_parser, load_data, parse_args, run_main, save_json
 from utils.synset import SyntheticSet
 
 METHODS = {'random': 'Random', 'herding': 'Herding', 'kcenter': 'KCenter', 'forgetting': 'Forgetting',
@@ -162,20 +162,13 @@ def choose(args, run, exp, data, images, labels):
     return select_forgetting(ext.forgetting, labels, k, ipc, ext.settings['seed'])
 
 
-def save_indices(run, exp, index):
-    path = run.dir / 'indices.json'
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    saved[str(exp)] = index.tolist()
-    path.write_text(json.dumps(saved))
-
-
 def run_coreset(args, run, data, images, labels):
     for exp in run.experiments():
         # Built before the draw, as make_synset does: random then takes the images --init real would.
         synset = SyntheticSet(data.num_classes, args.ipc, data.channel, data.im_size).to(images.device)
         index = choose(args, run, exp, data, images, labels)
         synset.init_real(images[index])
-        save_indices(run, exp, index)
+        save_json(run.dir / f'indices_exp{exp}.json', index.tolist())  # the chosen training images
         run.start(data, synset)
         for _ in run.iterations(exp, synset, {}):  # Iteration 0: evaluates once and saves res_*.pt
             pass
@@ -187,6 +180,7 @@ def run_whole(args, run, data, images, labels):
         run.start(data, whole)
         run.evaluate(exp, 0, whole, args.lr_net)
         run.saved.append({'exp': exp})  # the experiment is complete (the set is the dataset: not saved)
+        run.checkpoint(exp + 1, 0, None)
 
 
 def main(argv=None):
@@ -198,7 +192,9 @@ def main(argv=None):
     else:
         for c in range(data.num_classes):  # enough images in every class, before the run folder is made
             class_members(labels, c, args.ipc)
+    estimate = check_memory(METHODS[args.method], args, data)
     run = CoresetRun(args, METHODS[args.method])
+    run.log(f'estimated peak memory: {estimate.total / 2**30:.1f} GiB')
     (run_whole if args.method == 'whole' else run_coreset)(args, run, data, images, labels)
     run.finish()
 

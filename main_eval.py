@@ -42,7 +42,7 @@ from utils.synset import SyntheticSet, images_per_class
 
 # Settings a run's args.json passes on: how it evaluated its sets.
 INHERITED = ('dataset', 'model', 'eval_mode', 'dsa_strategy', 'epoch_eval_train', 'num_eval', 'lr_net',
-             'batch_train', 'zca', 'standardize_eval', 'seed', 'Iteration')
+             'batch_train', 'zca', 'standardize_eval', 'seed', 'Iteration', 'test_images')
 FILE_NAME = re.compile(rf'^(res|factors)_(?P<method>.+?)_(?P<dataset>{"|".join(DATASETS)})_(?P<model>.+)_\d+ipc\.pt$')
 
 
@@ -236,7 +236,7 @@ def main(argv=None):
         s, synset = sets[i], synsets[i]
         lr = args.syn_lr or rates.get(str(s.exp), args.lr_net)
         run.log(f'exp {s.exp}: experiment {s.exp} of {args.file}, trained at lr {lr:.6g}')
-        run.start(data, synset)
+        run.start(data, synset, lr)
         run.evaluate(s.exp, args.Iteration, synset, lr)
         run.saved.append({'exp': s.exp, 'images': synset.images().detach().cpu(), 'labels': synset.labels.cpu(),
                           'factors': synset.factors()})  # as Run.iterations stores a finished set

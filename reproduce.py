@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from utils import UserError
-from utils.run import run_main
+from utils.run import run_main, save_json, save_text
 
 REPO = Path(__file__).resolve().parent
 
@@ -136,13 +136,14 @@ SCRIPTS = {'DM': 'main_DM.py', 'LoDM': 'main_LoDM.py', 'DC': 'main_DC.py', 'DSA'
            'LoDC': 'main_LoDC.py', 'LoDSA': 'main_LoDC.py', 'MTT': 'main_MTT.py', 'LoMTT': 'main_LoMTT.py',
            'Random': 'main_coreset.py', 'Herding': 'main_coreset.py', 'Forgetting': 'main_coreset.py'}
 CORESETS = ('Random', 'Herding', 'Forgetting')
+EXTRACTED = ('Herding', 'Forgetting')  # coresets chosen with the cached extractor of their dataset
 TRAJECTORY = ('MTT', 'LoMTT')  # need experts from buffer.py; results.json also has the best evaluation point
 
 # The smoke budget: every cell 1 experiment x 2 evaluation networks x 20 epochs, tested on the first 1000 test
 # images; condensation runs 1/1000 of the config's iterations (at least 1: DM 20, DC/DSA 1, MTT 5; evaluated
-# at 0 and the end) with 64 real images per class (the configs: 256); MTT matches 10 student steps over 1
-# expert epoch from epoch 0 of 2 experts x 2 epochs (in <buffer_path>/smoke); coresets train their feature
-# extractor for 1 epoch (the configs: 200).
+# at 0 and the end), DM and DC with 64 real images per class (the configs: 256); MTT matches 10 student steps
+# over 1 expert epoch from epoch 0 of 2 experts x 2 epochs (in <buffer_path>/smoke); coresets train their
+# feature extractor for 1 epoch (the configs: 200).
 SMOKE = dict(num_exp=1, num_eval=2, epoch_eval_train=20, test_images=1000)
 SMOKE_ITERATION_FRACTION = 1000
 SMOKE_CONDENSATION = dict(batch_real=64)
@@ -255,9 +256,11 @@ def smoke_flags(cell, cfg):
         values.update(SMOKE_CORESET)
     else:
         iterations = max(1, cfg['Iteration'] // SMOKE_ITERATION_FRACTION)
-        values.update(Iteration=iterations, eval_every=iterations, **SMOKE_CONDENSATION)
+        values.update(Iteration=iterations, eval_every=iterations)
     if cell.method in TRAJECTORY:
         values.update(SMOKE_TRAJECTORY)
+    elif cell.method not in CORESETS:
+        values.update(SMOKE_CONDENSATION)
     return flags(values)
 
 
@@ -385,7 +388,7 @@ def run_cell(cell, args, device, device_name, tag):
     log, status_file = log_path(cell, args, '.log'), log_path(cell, args, '.json')
     log.parent.mkdir(parents=True, exist_ok=True)
     status = {'device': device_name, 'exit': None, 'error': None}
-    write_json(status_file, status)
+    save_json(status_file, status)
     print(f'{tag} {cell.id}: {"resume" if state == "interrupted" else "start"}, output in {log}', flush=True)
     for cmd in commands:
         print(f'{tag}   $ {shlex.join(cmd)}', flush=True)
@@ -396,7 +399,7 @@ def run_cell(cell, args, device, device_name, tag):
     done = run_state(run_dir(cell, args)) == 'complete'
     if status['exit'] == 0 and not done:
         status['error'] = 'the script ended without complete results'
-    write_json(status_file, status)
+    save_json(status_file, status)
     print(f'{tag} {cell.id}: ' + ('complete' if done else f'FAILED (exit {status["exit"]}): {status["error"]}'),
           flush=True)
 
@@ -411,17 +414,6 @@ def describe_device(device):
         return f'{device} ({torch.cuda.get_device_name(torch.device(device))})'
     except (RuntimeError, AssertionError, ValueError) as e:
         raise UserError(f'--device {device} is not usable here ({e}); use cpu, cuda or cuda:<index>.') from None
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=2))
-
-
-def write_atomic(path, text):
-    """Through a file of our own process, so that ranks writing the same file never mix their writes."""
-    tmp = Path(f'{path}.{os.getpid()}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the table
@@ -487,19 +479,21 @@ def write_table(args):
     lines += [table_row(c, args, best) for c in cells]
     path = Path(args.out) / f'table{args.table}_{args.budget}.md'
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, '\n'.join(lines) + '\n')
+    save_text(path, '\n'.join(lines) + '\n')
     return path
 
 
 # ---------------------------------------------------------------- main
 
 def schedule(cells, args, world):
-    """The cells of each rank: group g runs on rank g % world, where cells that share an expert buffer form
-    one group (so two ranks never write the same buffer) and every other cell is a group of its own."""
+    """The cells of each rank: group g runs on rank g % world, where cells that share an expert buffer, or
+    the coreset extractor of a dataset, form one group (so two ranks never make the same file) and every
+    other cell is a group of its own."""
     groups = {}
     for c in cells:
         before = buffer_command(c, args, 'auto')
-        groups.setdefault(shlex.join(before) if before else c.id, []).append(c)
+        shared = shlex.join(before) if before else f'extractor {c.dataset}' if c.method in EXTRACTED else c.id
+        groups.setdefault(shared, []).append(c)
     groups = list(groups.values())
     return [[c for g in groups[r::world] for c in g] for r in range(world)]
 

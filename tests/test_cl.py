@@ -136,3 +136,22 @@ def test_plot_needs_run_folders(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_main(main_CL.main, ['--plot', str(tmp_path), '--out', str(tmp_path / 'c.png')])
     assert e.value.code == 2 and 'results.json does not exist' in capsys.readouterr().err
+
+
+# Quality at a small CPU budget: 5 steps on MNIST, one order, a narrow ConvNet, 40 iterations per step, 2
+# networks x 100 epochs per step tested on (the seen classes of) the first 2000 test images.
+QUALITY = ['--device', 'cpu', '--dataset', 'MNIST', '--steps', '5', '--orders', '1', '--ipc', '1', '--num_eval', '2',
+           '--model', 'ConvNetW32', '--epoch_eval_train', '100', '--batch_real', '64', '--test_images', '2000',
+           '--Iteration', '40']
+MARGIN = 0.05  # measured (mean over the 5 steps): MARGIN_NOTE
+
+
+def test_low_rank_memory_beats_random_memory_at_the_same_budget(tmp_path, mnist_path):
+    def mean_over_steps(method):
+        main_CL.main([*QUALITY, '--method', method, '--data_path', mnist_path, '--save_path', str(tmp_path),
+                      '--run_name', method])
+        rows = json.loads((run_dir(tmp_path, method, method) / 'results.json').read_text())['per_step']
+        return sum(r['mean'] for r in rows) / len(rows)
+
+    random_acc, lodm = mean_over_steps('random'), mean_over_steps('LoDM')
+    assert lodm > random_acc + MARGIN, (lodm, random_acc)

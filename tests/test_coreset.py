@@ -167,7 +167,7 @@ def run_folder(save, method, name):
 def chosen(save, method, name):
     """(indices of experiment 0, its (images, labels), results.json) of a run."""
     d = run_folder(save, method, name)
-    index = json.loads((d / 'indices.json').read_text())['0']
+    index = json.loads((d / 'indices_exp0.json').read_text())
     return index, torch.load(next(d.glob('res_*.pt')))['data'][0], json.loads((d / 'results.json').read_text())
 
 

@@ -188,6 +188,14 @@ def test_dc_over_budget_names_a_smaller_batch_real(monkeypatch):
     assert check('DC', args, data, budget, monkeypatch).endswith('rerun with --batch_real 16.')
 
 
+def test_a_coreset_evaluation_over_budget_names_fewer_networks_trained_together(monkeypatch):
+    args, data, shapes = tiny_imagenet(model='ConvNet', ipc=50, num_eval=20, train_together=8, method='herding',
+                                       extractor_model='ConvNet')
+    budget = estimate_peak('Herding', with_(args, train_together=2), shapes, 50).total
+    assert budget < estimate_peak('Herding', with_(args, train_together=4), shapes, 50).total
+    assert check('Herding', args, data, budget, monkeypatch).endswith('rerun with --train_together 2.')
+
+
 def test_nothing_fits_says_so(monkeypatch):
     args, data, _ = tiny_imagenet(model='ConvNet')
     message = check('DM', args, data, 2**30, monkeypatch)

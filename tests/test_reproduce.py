@@ -113,6 +113,11 @@ def test_torchrun_ranks_share_the_cells_and_children_run_alone(monkeypatch):
     ranks = [[c.id for c in share] for share in reproduce.schedule(cells, args, 2)]
     # the two CIFAR100 cells share one expert buffer, so they run on one rank, in turn
     assert ranks == [['CIFAR10_MTT_ipc1', 'CIFAR100_MTT_ipc1', 'CIFAR100_LoMTT_ipc1'], ['CIFAR10_LoMTT_ipc1']]
+    # the Herding and Forgetting cells of a dataset share its cached extractor, so they run on one rank too
+    mnist = [c for c in reproduce.CELLS if c.table == 1 and c.dataset == 'MNIST']
+    for share in reproduce.schedule(mnist, reproduce.get_args(['--table', '1']), 3):
+        extracted = [c.id for c in share if c.method in ('Herding', 'Forgetting')]
+        assert len(extracted) in (0, 6), extracted
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'TORCHELASTIC_RUN_ID'):
         monkeypatch.setenv(name, '1')
     env = reproduce.child_env()

@@ -122,8 +122,9 @@ def epoch(mode, dataloader, net, optimizer, criterion, args, aug):
     The loss is cross-entropy (criterion is the original's CrossEntropyLoss)."""
     images, labels = _tensors(dataloader, args.device)
     train = mode == 'train'
-    return run_epoch(net, images, labels, dataloader.batch_size, optimizer if train else None,
-                     _training_augmentation(args) if aug else None)
+    loss, acc = run_epoch(net, images, labels, dataloader.batch_size, optimizer if train else None,
+                          _training_augmentation(args) if aug else None)
+    return loss.item(), acc.item()
 
 
 def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):

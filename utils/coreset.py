@@ -18,7 +18,6 @@ for equal settings.
 """
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import Tensor
 from networks import get_network
 from utils import UserError
 from utils.data import ClassSampler
+from utils.run import save_torch
 
 # Reference Q1: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, 200 epochs with the learning
 # rate x0.1 halfway (epoch 100), no augmentation.
@@ -54,14 +54,14 @@ def herding(features: Tensor, k: int) -> Tensor:
     _check_k(len(f), k)
     mean, total = f.mean(0), torch.zeros_like(f[0])
     taken = torch.zeros(len(f), dtype=torch.bool, device=f.device)
-    picks = []
+    picks = torch.empty(k, dtype=torch.long, device=f.device)  # on the device: read once, at the end
     for i in range(1, k + 1):
         d = squared_distances(f, i * mean - total).masked_fill(taken, float('inf'))
-        j = int(d.argmin())  # argmin returns the first of equal values
-        picks.append(j)
+        j = d.argmin()  # the first of equal values
+        picks[i - 1] = j
         taken[j] = True
         total += f[j]
-    return torch.tensor(picks, dtype=torch.long)
+    return picks.cpu()
 
 
 def kcenter(features: Tensor, k: int) -> Tensor:
@@ -70,16 +70,17 @@ def kcenter(features: Tensor, k: int) -> Tensor:
     Ties: the first index."""
     f = features.double()
     _check_k(len(f), k)
-    first = int(squared_distances(f, f.mean(0)).argmin())
-    picks, nearest = [first], squared_distances(f, f[first])  # squared distance to the nearest centre
+    picks = torch.empty(k, dtype=torch.long, device=f.device)  # on the device: read once, at the end
+    picks[0] = squared_distances(f, f.mean(0)).argmin()
+    nearest = squared_distances(f, f[picks[0]])  # squared distance to the nearest centre
     taken = torch.zeros(len(f), dtype=torch.bool, device=f.device)
-    taken[first] = True
-    for _ in range(k - 1):
-        j = int(nearest.masked_fill(taken, -1.0).argmax())  # argmax returns the first of equal values
-        picks.append(j)
+    taken[picks[0]] = True
+    for i in range(1, k):
+        j = nearest.masked_fill(taken, -1.0).argmax()  # the first of equal values
+        picks[i] = j
         taken[j] = True
         nearest = torch.minimum(nearest, squared_distances(f, f[j]))
-    return torch.tensor(picks, dtype=torch.long)
+    return picks.cpu()
 
 
 def _check_k(n, k):
@@ -286,10 +287,8 @@ def get_extractor(path, images: Tensor, labels: Tensor, num_classes: int, settin
     ext = train_extractor(images, labels, num_classes, settings, test, log)
     ext.path = path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f'{path}.tmp')  # written whole, then renamed: a killed run leaves no half file
-    torch.save({'settings': settings, 'state_dict': ext.net.state_dict(), 'forgetting': ext.forgetting.cpu(),
-                'seconds': ext.seconds, 'test_acc': ext.test_acc, 'test_images': ext.test_images}, tmp)
-    os.replace(tmp, path)
+    save_torch(path, {'settings': settings, 'state_dict': ext.net.state_dict(), 'forgetting': ext.forgetting.cpu(),
+                      'seconds': ext.seconds, 'test_acc': ext.test_acc, 'test_images': ext.test_images})
     return ext
 
 

@@ -66,7 +66,7 @@ def eval_recipe(args, model_eval):
 
 def run_epoch(net, images, labels, batch_size, optimizer=None, aug=None, standardize=False):
     """One pass of one network over tensors already on its device: shuffled training (global RNG) if an
-    optimizer is given, else testing. Returns (mean loss, accuracy), read from the device once.
+    optimizer is given, else testing. Returns (mean loss, accuracy) as tensors on the device (not read).
 
     standardize: scale every batch to zero mean and unit std over the whole batch tensor, before the
     augmentation aug(x) (the plugin's LoMTT evaluation, utils_mtt.epoch; off in every other method)."""
@@ -91,7 +91,7 @@ def run_epoch(net, images, labels, batch_size, optimizer=None, aug=None, standar
                 optimizer.step()
             loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
-    return loss_sum.item() / len(images), correct.item() / len(images)
+    return loss_sum / len(images), correct / len(images)
 
 
 def evaluate_synset(net, images_train, labels_train, images_test, labels_test, lr, epochs, batch_size, aug,
@@ -107,7 +107,7 @@ def evaluate_synset(net, images_train, labels_train, images_test, labels_test, l
         if ep == epochs // 2 + 1:
             optimizer = make_opt(lr * 0.1)
     _, acc_test = run_epoch(net, images_test, labels_test, batch_for_testing(standardize), standardize=standardize)
-    return acc_train, acc_test
+    return acc_train.item(), acc_test.item()
 
 
 def batch_for_testing(standardize):

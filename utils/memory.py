@@ -418,22 +418,24 @@ def _halvings(value):
 
 def fitting_flag(method, args, shapes, n, budget):
     """The flag that brings the estimate under `budget` bytes, or None: for MTT '--matching exact', else a
-    smaller --batch_syn; for DM and DC a smaller --batch_real (halving the current value); none for coresets."""
+    smaller --batch_syn; for DM and DC a smaller --batch_real (halving the current value); failing those,
+    fewer evaluation networks trained together (--train_together)."""
     def fits(**changes):
         return estimate_peak(method, _with(args, **changes), shapes, n).total <= budget
 
-    family = FAMILIES[method]
-    if family == 'coreset':
-        return None
+    family, flag = FAMILIES[method], None
     if family == 'MTT':
         mode = 'exact' if args.matching == 'unrolled' else args.matching
         if mode != args.matching and fits(matching=mode):
             return '--matching exact'
         prefix = '--matching exact ' if mode != args.matching else ''
         batch = min(args.batch_syn or shapes.num_classes * n, shapes.num_classes * n)
-        return next((f'{prefix}--batch_syn {b}' for b in _halvings(batch) if fits(matching=mode, batch_syn=b)),
+        flag = next((f'{prefix}--batch_syn {b}' for b in _halvings(batch) if fits(matching=mode, batch_syn=b)),
                     None)
-    return next((f'--batch_real {b}' for b in _halvings(args.batch_real) if fits(batch_real=b)), None)
+    elif family != 'coreset':
+        flag = next((f'--batch_real {b}' for b in _halvings(args.batch_real) if fits(batch_real=b)), None)
+    together = min(train_together(args), getattr(args, 'num_eval', 1))
+    return flag or next((f'--train_together {k}' for k in _halvings(together) if fits(train_together=k)), None)
 
 
 def check_memory(method, args, data):

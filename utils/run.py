@@ -283,14 +283,19 @@ def read_json(path, what):
 
 
 def atomic_write(path, write):
-    """Write through a temporary file and rename it, so a killed run never leaves half a file."""
-    tmp = Path(f'{path}.tmp')
+    """Write through a temporary file of this process and rename it, so a killed run never leaves half a
+    file and processes writing the same file never mix their writes."""
+    tmp = Path(f'{path}.{os.getpid()}.tmp')
     write(tmp)
     os.replace(tmp, path)
 
 
 def save_json(path, obj):
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+    save_text(path, json.dumps(obj, indent=2))
+
+
+def save_text(path, text):
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 def save_torch(path, obj):
@@ -546,13 +551,14 @@ class Run(RunFolder):
             'exp': exp, 'it': it, 'rng': rng_state(self.args.device), 'results': self.results,
             'saved': self.saved, 'state': {name: obj.state_dict() for name, obj in state.items()} if state else None})
 
-    def start(self, data, synset):
-        """Remember the data and print what the synthetic set stores against the pixel budget."""
+    def start(self, data, synset, lr=None):
+        """Remember the data and print what the synthetic set stores against the pixel budget; `lr`: the
+        evaluation networks' learning rate when it is not the run's own (main_eval.py)."""
         self.data, self.synset = data, synset
         self.summary = {'dataset': self.args.dataset, 'model': self.args.model, 'ipc': self.args.ipc,
                         'rank': synset.rank, 'images_per_class': synset.n,
                         'stored_floats': synset.stored_floats(), 'budget_floats': synset.budget_floats(),
-                        'protocol': {m: eval_protocol(self.args, m)
+                        'protocol': {m: eval_protocol(self.args, m, lr)
                                      for m in get_eval_pool(self.args.eval_mode, self.args.model)}}
         self.log(synset.describe())
 
@@ -592,15 +598,15 @@ class Run(RunFolder):
         self.saved = sorted((s for _, saved in parts for s in saved), key=lambda s: s['exp'])
 
 
-def eval_protocol(args, model_eval):
-    """How evaluation networks of `model_eval` are trained, for results.json."""
+def eval_protocol(args, model_eval, lr=None):
+    """How evaluation networks of `model_eval` are trained (at `lr` when given), for results.json."""
     if args.dsa:
         augmentation = f'DSA {args.dsa_strategy}'
     else:
         augmentation = f'DC {get_daparam(args.dataset, model_eval)["strategy"]}'
     standardize = getattr(args, 'standardize_eval', False)
     return {'augmentation': augmentation, 'epochs': eval_recipe(args, model_eval)[1],
-            'lr': 'learned syn_lr' if hasattr(args, 'lr_teacher') else args.lr_net, 'batch': args.batch_train,
+            'lr': lr or ('learned syn_lr' if hasattr(args, 'lr_teacher') else args.lr_net), 'batch': args.batch_train,
             'standardize_batches': standardize, 'test_batch': 128 if standardize else 256}
 
 
