@@ -143,7 +143,7 @@ def test_plot_needs_run_folders(tmp_path, capsys):
 QUALITY = ['--device', 'cpu', '--dataset', 'MNIST', '--steps', '5', '--orders', '1', '--ipc', '1', '--num_eval', '2',
            '--model', 'ConvNetW32', '--epoch_eval_train', '100', '--batch_real', '64', '--test_images', '2000',
            '--Iteration', '40']
-MARGIN = 0.05  # measured (mean over the 5 steps): MARGIN_NOTE
+MARGIN = 0.07  # measured, mean over the 5 steps, seeds 0/1/2: random 68.8/66.8/68.1, LoDM 83.3/84.5/86.4
 
 
 def test_low_rank_memory_beats_random_memory_at_the_same_budget(tmp_path, mnist_path):
