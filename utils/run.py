@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import io
 import json
 import math
 import os
@@ -299,7 +300,11 @@ def save_text(path, text):
 
 
 def save_torch(path, obj):
-    atomic_write(path, lambda p: torch.save(obj, p))
+    """torch.save through memory: the file's bytes do not depend on the temporary file's name (torch.save
+    names its archive after the file)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda p: p.write_bytes(buffer.getvalue()))
 
 
 def rng_state(device):
