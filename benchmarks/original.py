@@ -4,6 +4,7 @@ reseeded before every draw in Siamese mode, sample 0's parameters broadcast, aff
 Python loop over samples), the original's per-class DM and DC loops, its MTT unroll and its evaluation
 (a DataLoader, one network at a time, one loss.item() per batch). Only the benchmarks import this.
 """
+import itertools
 import math
 import time
 
@@ -129,7 +130,13 @@ def diff_augment(x, strategy, seed=-1, param=None):
 
 
 def clock_seed():
-    return int(time.time() * 1000) % 100000
+    """The original's per-class DSA seed came from the clock (milliseconds modulo 100000); the same cost
+    (a clock read), but counted, so that benchmark runs repeat."""
+    time.time()
+    return next(_SEEDS) % 100000
+
+
+_SEEDS = itertools.count()
 
 
 # ------------------------------------------------------------------------------------------- loops

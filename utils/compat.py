@@ -18,7 +18,7 @@ from utils import ORIGINAL_API
 from utils.augmentation import ParamDiffAug, dc_augment, diff_augment, get_daparam as _get_daparam, siamese_augment
 from utils.data import load_dataset, zca_whiten
 from utils.evaluate import EVAL_POOLS, evaluate_synset as _evaluate_synset, get_eval_pool as _get_eval_pool, run_epoch
-from utils.matching import get_loops, match_loss as _match_loss
+from utils.matching import get_loops, match_loss as _match_loss  # noqa: F401 (get_loops: re-exported)
 
 __all__ = list(ORIGINAL_API)
 
@@ -136,7 +136,7 @@ def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args):
                                            test_x, test_y, args.lr_net, args.epoch_eval_train, args.batch_train,
                                            _training_augmentation(args))
     print(f'{get_time()} Evaluate_{it_eval:02d}: epoch = {args.epoch_eval_train:04d} train time = '
-          f'{int(time.time() - start)} s train acc = {acc_train:.4f}, test acc = {acc_test:.4f}')
+          f'{time.time() - start:.0f} s train acc = {acc_train:.4f}, test acc = {acc_test:.4f}')
     return net, acc_train, acc_test
 
 
