@@ -42,7 +42,7 @@ from utils.evaluate import evaluate_networks, network_blocks
 from utils.matching import dc_iteration, get_loops
 from utils.run import (RunFolder, add_set_args, base_parser, load_data, mean_std, parse_args, run_main,
                        save_json, save_text, save_torch)
-from utils.synset import images_per_class, make_synset
+from utils.synset import SyntheticSet, images_per_class, make_synset
 
 # How each method builds a step's memory: the main scripts' defaults (their originals'), with the
 # initializations of the CL protocol (reference Q5: DM and DSA from real images, the low-rank sets from
@@ -284,11 +284,10 @@ def main(argv=None):
     done = run.ckpt['accs'] if run.ckpt else {}
     save_torch(run.ckpt_path, {'accs': done})  # resumable from the start: memories are saved as they are made
     per_step = data.num_classes // args.steps
+    one_class = SyntheticSet(1, args.ipc, data.channel, data.im_size, args.rank)  # the memory of a class
     summary = {'method': args.method, 'dataset': args.dataset, 'model': args.model, 'ipc': args.ipc,
                'rank': args.rank, 'images_per_class': n, 'steps': args.steps,
-               'floats_per_class': n * data.channel * (data.im_size[0] * data.im_size[1] if args.rank is None
-                                                       else args.rank * sum(data.im_size)),
-               'budget_floats_per_class': args.ipc * data.channel * data.im_size[0] * data.im_size[1]}
+               'floats_per_class': one_class.stored_floats(), 'budget_floats_per_class': one_class.budget_floats()}
     run.log(f'memory: {n} images per class, {summary["floats_per_class"]} stored floats per class '
             f'(budget {summary["budget_floats_per_class"]})')
     orders = {s: class_order(s, data.num_classes) for s in range(args.orders)}

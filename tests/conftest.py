@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,17 @@ def run_script(script, *args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f'{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
     return proc
+
+
+def wait_until(condition, proc, timeout, what):
+    """Return once condition() holds, waiting on the running process `proc` in between (no sleeping); an
+    AssertionError if it ends first or `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        try:
+            proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            assert time.monotonic() < deadline, f'no {what} after {timeout} s'
+            continue
+        out, err = proc.communicate()
+        raise AssertionError(f'the process ended before {what}:\n{(out or "")[-2000:]}{(err or "")[-2000:]}')

@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, wait_until
 
 TINY = ['--device', 'cpu', '--dataset', 'MNIST', '--model', 'ConvNetW32', '--ipc', '1', '--num_eval', '2',
         '--train_together', '1', '--epoch_eval_train', '2', '--test_images', '300']
@@ -88,9 +87,8 @@ def test_a_killed_two_process_run_resumes(tmp_path, mnist_path):
     run('main_DM.py', [*args, '--run_name', 'whole'], processes=2)
     killed = launch('main_DM.py', [*args, '--run_name', 'killed'], processes=2)
     folder = tmp_path / 'MNIST' / 'DM_ipc1' / 'killed'
-    while not all((folder / f).exists() for f in ('checkpoint.pt', 'checkpoint_rank1.pt')):
-        assert killed.poll() is None, killed.communicate()[1][-2000:]
-        time.sleep(0.5)
+    wait_until(lambda: all((folder / f).exists() for f in ('checkpoint.pt', 'checkpoint_rank1.pt')), killed, 300,
+               'checkpoint of both processes')
     killed.send_signal(signal.SIGTERM)  # torchrun stops its processes
     killed.communicate()
     assert not torch.load(folder / 'checkpoint.pt', weights_only=False)['saved']  # stopped midway

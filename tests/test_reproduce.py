@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import reproduce
-from conftest import REPO
+from conftest import REPO, wait_until
 from utils.run import run_main
 
 REFERENCE = REPO.parent / 'shared' / 'reference' / 'paper_tables.md'
@@ -145,11 +144,7 @@ def test_smoke_on_mnist_resumes_a_killed_cell_and_skips_finished_ones(mnist_path
     # 1. reproduce.py is killed (with the cell it runs) once the second cell has its first checkpoint
     proc = subprocess.Popen([sys.executable, str(REPO / 'reproduce.py'), *argv], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while not (lodm / 'checkpoint.pt').exists():
-        assert proc.poll() is None, f'reproduce.py ended before it could be killed:\n{proc.stdout.read()}'
-        assert time.time() < deadline, 'no checkpoint of the second cell after 300 s'
-        time.sleep(0.02)
+    wait_until((lodm / 'checkpoint.pt').exists, proc, 300, 'checkpoint of the second cell')
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert reproduce.run_state(dm) == 'complete' and reproduce.run_state(lodm) == 'interrupted'
