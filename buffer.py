@@ -48,7 +48,8 @@ SETTINGS = ('dataset', 'model', 'lr_teacher', 'batch_train', 'dsa_strategy', 'tr
 FILE = re.compile(r'replay_buffer_(\d+)\.pt')
 # Experts trained at once per device type (--train_together overrides it). On the 2-core CPU batches of 256
 # already fill the cores: CPU time per expert step (ConvNet, MNIST, median of 5, one process) 1.19-1.26 s
-# one at a time, 1.14-1.19 s two, 1.45-1.47 s four. CUDA: not measured here (no GPU).
+# one at a time, 1.14-1.19 s two, 1.45-1.47 s four; with networks.AvgPool2d, wall seconds for 4 experts x 2
+# batches with DSA (median of 3, alternating) 6.55 one at a time, 6.11 two, 6.48 four. CUDA: not measured here.
 TRAIN_TOGETHER = {'cpu': 2, 'cuda': 4}
 
 

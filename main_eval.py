@@ -228,7 +228,7 @@ def main(argv=None):
     place_data(args, data, 'cpu')  # the test set on the device
     orders = [check_set(s, data, args.file) for s in sets]
     synsets = [make_set(s, order, rank, ipc, data, args.file).to(args.device) for s, order in zip(sets, orders)]
-    args.ipc, args.num_exp = synsets[0].ipc, len(sets)
+    args.ipc, args.num_exp, args.rank = synsets[0].ipc, len(sets), rank  # folder Eval_<method>_ipc<ipc>[_r<rank>]
     match = FILE_NAME.match(Path(args.file).name)
     run = Run(args, f'Eval_{match["method"]}' if match else 'Eval', show=unwhiten)
     rates = learned_rates(args.file)

@@ -16,7 +16,6 @@ import common
 import original
 from bench_dm import setup
 from bench_train import evaluation
-from networks import get_network
 from utils.augmentation import FULL_STRATEGY, ParamDiffAug
 from utils.distribution import class_blocks, dm_iteration
 from utils.synset import SyntheticSet
@@ -40,7 +39,7 @@ def memory_paths(shape, rank, device):
     optimizer = torch.optim.SGD(step_set.parameters(), lr=1.0, momentum=0.5)
 
     def theirs():  # the original's per-class DM loop over the step's classes
-        net = get_network('ConvNet', data.channel, 10, data.im_size).to(device).train().requires_grad_(False)
+        net = original.network('ConvNet', data.channel, 10, data.im_size, device).train().requires_grad_(False)
         original.dm_step(net, step_set.images, optimizer, sampler.images, [indices[c] for c in STEP], step_set.n,
                          256, FULL_STRATEGY)
 

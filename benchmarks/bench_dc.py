@@ -37,6 +37,8 @@ def paths(shape, ipc, rank, device):
     optimizer = torch.optim.SGD(synset.parameters(), lr=0.1, momentum=0.5)
     net = get_network('ConvNet', channel, 10, im_size, device)
     net_optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    their_net = original.network('ConvNet', channel, 10, im_size, device)
+    their_optimizer = torch.optim.SGD(their_net.parameters(), lr=0.01)
     param = ParamDiffAug()
 
     def step():
@@ -44,11 +46,11 @@ def paths(shape, ipc, rank, device):
         matching_step(net, synset, optimizer, sampler, args, param)
 
     def their_step():
-        original.dc_matching_step(net, synset.images, optimizer, sampler.images, indices, synset.n, 256, 'none')
+        original.dc_matching_step(their_net, synset.images, optimizer, sampler.images, indices, synset.n, 256, 'none')
 
     def their_epoch():
         loader = DataLoader(TensorDataset(synset.images().detach(), synset.labels), batch_size=256, shuffle=True)
-        original.epoch('train', loader, net, net_optimizer, 'none', device)
+        original.epoch('train', loader, their_net, their_optimizer, 'none', device)
 
     return {'matching step': (step, their_step),
             'inner epoch': (lambda: train_on_synset(net, net_optimizer, synset, args, param, 1), their_epoch)}

@@ -13,7 +13,6 @@ import torch
 
 import common
 import original
-from networks import get_network
 from utils.augmentation import FULL_STRATEGY, ParamDiffAug
 from utils.data import ClassSampler
 from utils.distribution import REAL_CHUNK, class_blocks, dm_iteration, embed, frozen_network
@@ -43,8 +42,8 @@ def paths(shape, ipc, rank, device):
     def ours():
         dm_iteration(args, data, synset, optimizer, sampler, param, blocks)
 
-    def theirs():  # the original's network: NCHW, built on the CPU and moved
-        net = get_network('ConvNet', data.channel, 10, data.im_size).to(device).train().requires_grad_(False)
+    def theirs():
+        net = original.network('ConvNet', data.channel, 10, data.im_size, device).train().requires_grad_(False)
         original.dm_step(net, synset.images, optimizer, sampler.images, indices, synset.n, 256, FULL_STRATEGY)
 
     def forward():

@@ -6,9 +6,10 @@ per batch, the lr decay with a rebuilt SGD), in one process, alternating.
     python benchmarks/bench_train.py [--device cuda] [--repeats 3] [--shapes MNIST CIFAR10]
 
 Short runs on random data of the real shapes (the time does not depend on the pixel values):
-- evaluation: 20 networks trained on 1 and 10 images per class (DSA, batch 256) for 3 and 1 epochs
-  (--eval_epochs), then tested on 20 images; the protocol is 1001 epochs and the 10000 test images.
-- expert epoch: 4 experts x 1 batch of 256 (--expert_batches) with DSA and without augmentation, on MNIST
+- evaluation: 20 networks trained on 1 and 10 images per class (DSA, batch 256) for 20 and 3 epochs
+  (--eval_epochs), then tested on 20 images; the protocol is 1001 epochs and the 10000 test images, so
+  the epochs dominate (one epoch would time mostly the networks' construction and test pass).
+- expert epoch: 4 experts x 2 batches of 256 (--expert_batches) with DSA and without augmentation, on MNIST
   shapes, --experts_together at a time (default buffer.py's); a whole MNIST epoch is 235 batches (the
   notes give images per second and what a whole epoch of one expert takes). The experts' test pass after
   every epoch is not included.
@@ -28,7 +29,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import common  # noqa: E402  (puts the repository on sys.path)
 import buffer  # noqa: E402
 import original  # noqa: E402
-from networks import get_network  # noqa: E402
 from utils.augmentation import FULL_STRATEGY, ParamDiffAug  # noqa: E402
 from utils.ensemble import Networks, dsa_augment, train  # noqa: E402
 from utils.evaluate import evaluate_pool, train_together  # noqa: E402
@@ -59,7 +59,7 @@ def evaluation(shape, ipc, epochs, device, networks):
 
     def theirs():
         for _ in range(networks):
-            net = get_network('ConvNet', channel, 10, im_size).to(device)
+            net = original.network('ConvNet', channel, 10, im_size, device)
             original.evaluate_synset(net, images, labels, test_x, test_y, epochs - 1, FULL_STRATEGY, device)
 
     return ours, theirs
@@ -80,7 +80,7 @@ def expert_training(batches, augment, device, experts, together):
     def theirs():
         loader = DataLoader(TensorDataset(images, labels), batch_size=256, shuffle=True, num_workers=0)
         for _ in range(experts):
-            net = get_network('ConvNet', 1, 10, (28, 28)).to(device)
+            net = original.network('ConvNet', 1, 10, (28, 28), device)
             optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0, weight_decay=0)
             original.epoch('train', loader, net, optimizer, strategy, device)
 
@@ -124,7 +124,7 @@ def expert_rows(device, repeats, batches, together, rate):
     return out
 
 
-def rows(device, repeats, shapes=tuple(SHAPES), eval_epochs=(3, 1), expert_batches=1, experts_together=None):
+def rows(device, repeats, shapes=tuple(SHAPES), eval_epochs=(20, 3), expert_batches=2, experts_together=None):
     rate = common.matmul_rate(device)
     together = experts_together or buffer.TRAIN_TOGETHER.get(device.type, 1)
     return (eval_rows(device, repeats, shapes, eval_epochs, rate) +
@@ -136,8 +136,8 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--shapes', nargs='+', choices=list(SHAPES), default=list(SHAPES))
-    p.add_argument('--eval_epochs', nargs=2, type=int, default=[3, 1], help='epochs at ipc 1 and at ipc 10')
-    p.add_argument('--expert_batches', type=int, default=1)
+    p.add_argument('--eval_epochs', nargs=2, type=int, default=[20, 3], help='epochs at ipc 1 and at ipc 10')
+    p.add_argument('--expert_batches', type=int, default=2)
     p.add_argument('--experts_together', type=int, default=None, help="default: buffer.py's for the device")
     opts = p.parse_args()
     keep_freed_memory()  # as the scripts do

@@ -2,7 +2,8 @@
 the benchmarks to run beside ours on the same machine: DSA as the original draws it (the global RNG
 reseeded before every draw in Siamese mode, sample 0's parameters broadcast, affine matrices built by a
 Python loop over samples), the original's per-class DM and DC loops, its MTT unroll and its evaluation
-(a DataLoader, one network at a time, one loss.item() per batch). Only the benchmarks import this.
+(a DataLoader, one network at a time, one loss.item() per batch), and its network (network()). Only the
+benchmarks import this.
 """
 import itertools
 import math
@@ -10,9 +11,22 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import networks
 from utils.matching import match_loss
+
+
+def network(model, channel, num_classes, im_size, device):
+    """The original's network: ours (the same layers and initialization) with nn.AvgPool2d where ours has
+    networks.AvgPool2d (the same averages, computed faster on the CPU), built on the CPU and moved."""
+    net = networks.get_network(model, channel, num_classes, im_size)
+    for name, m in list(net.named_modules()):
+        if isinstance(m, networks.AvgPool2d):
+            parent, _, child = name.rpartition('.')
+            setattr(net.get_submodule(parent), child, nn.AvgPool2d(m.kernel_size, m.stride, m.padding))
+    return net.to(device)
 
 
 # ------------------------------------------------------------------------------------------- DSA (3.9)

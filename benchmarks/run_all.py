@@ -45,7 +45,7 @@ def main():
              common.HEADER]
     sections = [lambda: bench_dm.rows(device, opts.repeats, ipcs), lambda: bench_dc.rows(device, opts.repeats, ipcs),
                 lambda: bench_mtt.rows(device, opts.repeats),
-                lambda: bench_train.rows(device, opts.repeats, eval_epochs=(1, 1) if opts.quick else (3, 1)),
+                lambda: bench_train.rows(device, opts.repeats, eval_epochs=(10, 2) if opts.quick else (20, 3)),
                 lambda: bench_cl.rows(device, opts.repeats)]
     for section in sections:
         for row in section():

@@ -40,7 +40,7 @@ def test_res_and_factors_files_reproduce_the_run(tmp_path, mnist_path, lodm_run)
     assert got == accs and results['complete']  # the run's seed, protocol and iteration: its networks
     out, got, results = evaluate(tmp_path, mnist_path, 'factors', d / 'factors_LoDM_MNIST_ConvNet_7ipc.pt')
     assert got == accs and results['rank'] == 2 and results['images_per_class'] == 7
-    assert out.parent.name == 'Eval_LoDM_ipc1'  # the budget of the factors
+    assert out.parent.name == 'Eval_LoDM_ipc1_r2'  # the budget and rank of the factors
     a, b, labels = torch.load(out / 'factors_Eval_LoDM_MNIST_ConvNet_7ipc.pt')['data'][1]
     source = torch.load(d / 'factors_LoDM_MNIST_ConvNet_7ipc.pt')['data'][1]
     assert torch.equal(a, source[0]) and torch.equal(b, source[1]) and torch.equal(labels, source[2])

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from networks import NETWORK_NAMES, get_network
+from networks import NETWORK_NAMES, AvgPool2d, get_network
 from utils import UserError
 
 SHAPES = [(1, 28), (3, 32), (3, 64)]  # (channel, side)
@@ -85,6 +85,21 @@ def test_swish_is_x_sigmoid_x():
 def test_linear_input_sizes(name, channel, side, linear_index, size):
     linears = [m for m in get_network(name, channel, 10, (side, side)).modules() if isinstance(m, nn.Linear)]
     assert linears[linear_index].in_features == size
+
+
+@pytest.mark.parametrize('kernel,shape,tiled', [(2, (3, 5, 8, 8), True), (4, (2, 3, 4, 4), True),
+                                               ((2, 3), (2, 2, 6, 9), True), (2, (2, 3, 7, 7), False)])
+def test_avg_pool_equals_torch_with_first_and_second_derivatives(kernel, shape, tiled, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    expected = nn.AvgPool2d(kernel)(x)
+    if tiled:  # the matrix-product form, not avg_pool2d
+        monkeypatch.setattr(torch.nn.functional, 'avg_pool2d', None)
+    pool = AvgPool2d(kernel)
+    torch.testing.assert_close(pool(x), expected)
+    # DC and MTT differentiate through gradients: check both orders against finite differences
+    assert torch.autograd.gradcheck(lambda t: pool(t.sin()), x)
+    assert torch.autograd.gradgradcheck(lambda t: pool(t.sin()), x)
 
 
 def test_channels_last_gives_same_output():

@@ -28,8 +28,6 @@ def frozen_network(model, data, device):
     net.train()
     for p in net.parameters():
         p.requires_grad_(False)
-    if torch.device(device).type == 'cpu':  # faster convolutions on CPU; on CUDA group norm prefers NCHW
-        net = net.to(memory_format=torch.channels_last)
     return net
 
 
@@ -45,8 +43,6 @@ embed_compiled = torch.compile(embed_eager)
 def embed(net, x, chunk=None, compiled=False):
     """net.embed(x), in passes of at most `chunk` images."""
     fn = embed_compiled if compiled else embed_eager
-    if x.device.type == 'cpu':
-        x = x.contiguous(memory_format=torch.channels_last)
     if chunk is None or len(x) <= chunk:
         return fn(net, x)
     return torch.cat([fn(net, part) for part in x.split(chunk)])

@@ -15,8 +15,8 @@ Why grouped convolutions and not torch.func (stack_module_state + functional_cal
 rule makes the same grouped convolution): CPU time per network and step on the 2-core CPU, ConvNet,
 median of 5 in one process, one at a time / grouped / vmap: 10 networks on 10-image batches 85 / 63 /
 88 ms (CIFAR shapes), 73 / 56 / 75 ms (MNIST); 10 on 100-image batches 562 / 484 / 704 ms; 4 on
-256-image batches 1598 / 1234 / 2012 ms. Most of the grouped gain is BlockAvgPool2d
-(grouped with avg_pool2d: 76, 549 and 1596 ms).
+256-image batches 1598 / 1234 / 2012 ms (with avg_pool2d's NCHW kernel; networks.AvgPool2d has since
+made both forms faster).
 """
 import copy
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks import BasicBlock, Net, get_network
+from networks import AvgPool2d, BasicBlock, Net, get_network
 from utils import seed_for, to_device
 from utils.augmentation import dc_augment, diff_augment
 
@@ -124,34 +124,6 @@ class WideLayerNorm(nn.Module):
         return x if self.bias is None else x + self.bias
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-class BlockAvgPool2d(nn.Module):
-    """AvgPool2d over non-overlapping windows as a depthwise convolution of constant weights on the CPU:
-    the same averages, 3x faster than avg_pool2d's NCHW kernel there (forward and backward, 256 x 128 x
-    32 x 32 maps); on other devices avg_pool2d itself."""
-
-    def __init__(self, pools):
-        super().__init__()
-        self.size = _pair(pools[0].kernel_size)
-
-    def forward(self, x):
-        if x.device.type != 'cpu':
-            return F.avg_pool2d(x, self.size)
-        weight = x.new_full((x.shape[1], 1, *self.size), 1 / (self.size[0] * self.size[1]))
-        return F.conv2d(x, weight, stride=self.size, groups=x.shape[1])
-
-
-def _avg_pool(pools):
-    """BlockAvgPool2d where the windows do not overlap and there is no padding, else the pool as it is."""
-    p = pools[0]
-    block = (_pair(p.stride or p.kernel_size) == _pair(p.kernel_size) and _pair(p.padding) == (0, 0) and
-             not p.ceil_mode and p.divisor_override is None)
-    return BlockAvgPool2d(pools) if block else p
-
-
 # type -> (condition of the grouped form, the wide layer built from the K networks' layers)
 WIDE = {
     nn.Conv2d: (lambda m: m.padding_mode == 'zeros', WideConv2d),
@@ -159,10 +131,10 @@ WIDE = {
     nn.BatchNorm2d: (lambda m: m.track_running_stats and m.momentum is not None, WideBatchNorm2d),
     nn.GroupNorm: (lambda m: True, WideGroupNorm),
     nn.LayerNorm: (lambda m: len(m.normalized_shape) == 3, WideLayerNorm),
-    nn.AvgPool2d: (lambda m: True, _avg_pool),
 }
 # Layers without parameters that act per sample and channel (or flatten channel-major), so they need no change.
-LOCAL = (nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, nn.Tanh, nn.MaxPool2d, nn.Identity, nn.Flatten)
+LOCAL = (nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.SiLU, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, AvgPool2d, nn.Identity,
+         nn.Flatten)
 # Containers whose forward only chains their children and adds or flattens (networks.py).
 FORWARDS = (nn.Sequential.forward, Net.forward, BasicBlock.forward)
 
